@@ -1,0 +1,38 @@
+# One virtual environment per checkout; torch is installed first from the pinned CPU wheel
+# (override with `make test TORCH_SPEC='torch>=2.0'`), then the package with its extras.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev,mlm
+OUT ?= pyro-mpt-out
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+
+.PHONY: venv demo test lint bench docs reproduce clean
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/pyro-mpt demo --out $(OUT)
+
+lint: venv
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+bench: venv
+	$(BIN)/python -m benchmarks
+
+reproduce: venv
+	$(BIN)/pyro-mpt reproduce all --out $(OUT)
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,54 @@
+"""``python -m benchmarks [name ...]``: run every ``benchmarks/bench_*.py`` (or the named ones).
+
+Each module defines ``run() -> list[dict]`` (rows from :func:`benchmarks.timing.row`). The table is
+printed and written to ``benchmarks/results/<module>.json`` and ``benchmarks/results/README.md``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def format_table(rows: list[dict]) -> str:
+    header = "| benchmark | case | ours (ms) | anchor | anchor (ms) | ratio |\n|---|---|---|---|---|---|"
+    lines = [
+        f"| {r['benchmark']} | {r['case']} | {r['ours_ms']} | {r['anchor']} | {r['anchor_ms']} "
+        f"| {r['ratio']} |"
+        for r in rows
+    ]
+    return "\n".join([header, *lines])
+
+
+def main(names: list[str]) -> None:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    available = sorted(
+        m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name.startswith("bench_")
+    )
+    selected = [n if n.startswith("bench_") else f"bench_{n}" for n in names] or available
+    RESULTS.mkdir(exist_ok=True)
+    sections = []
+    for name in selected:
+        rows = importlib.import_module(f"benchmarks.{name}").run()
+        table = format_table(rows)
+        print(f"\n## {name}\n{table}", flush=True)
+        (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
+        sections.append(f"## {name}\n\n{table}\n")
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if not names:
+        (RESULTS / "README.md").write_text(
+            "# Benchmark results\n\nRatio = our time / the anchor's time on the same work, one run "
+            f"of `make bench` ({machine}).\n\n" + "\n".join(sections)
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
