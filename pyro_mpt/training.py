@@ -1,0 +1,94 @@
+"""A small training loop shared by the CLI, tutorials and experiments.
+
+Stochastic objectives such as masked pre-training need a decaying step size to settle at the
+optimum (a constant rate leaves them at a gradient-noise floor), so :func:`fit` defaults to Adam
+with a cosine-annealed learning rate from ``lr`` down to ``final_lr``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["FitResult", "fit"]
+
+
+@dataclass
+class FitResult:
+    """History of a :func:`fit` run.
+
+    Attributes:
+        losses: the objective at every step.
+        tracked_steps: steps at which ``track`` was evaluated (every ``track_every`` and the last).
+        tracked: the values of ``track`` at those steps (e.g. exact LML per datum).
+        wall_time: seconds spent, excluding the ``track`` evaluations.
+    """
+
+    losses: list[float] = field(default_factory=list)
+    tracked_steps: list[int] = field(default_factory=list)
+    tracked: list[float] = field(default_factory=list)
+    wall_time: float = 0.0
+
+
+def fit(
+    loss_fn: Callable[[], torch.Tensor],
+    parameters: Iterable[torch.nn.Parameter],
+    steps: int = 1500,
+    lr: float = 0.05,
+    final_lr: float = 1e-4,
+    track: Callable[[], float] | None = None,
+    track_every: int = 25,
+    progress: bool = True,
+    desc: str = "fit",
+) -> FitResult:
+    """Minimise ``loss_fn()`` with Adam and a cosine learning-rate schedule, with tqdm progress.
+
+    Args:
+        loss_fn: returns the scalar loss to minimise (draw fresh masks inside it).
+        parameters: the tensors to optimise.
+        steps: number of optimiser steps.
+        lr: initial learning rate; it decays along a cosine to ``final_lr`` (pass
+            ``final_lr=lr`` for a constant rate).
+        track: optional evaluation (e.g. exact LML per datum) run without gradients every
+            ``track_every`` steps and at the end.
+        progress: show a tqdm bar.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.tensor(3.0))
+        >>> result = fit(lambda: (w - 1.0) ** 2, [w], steps=300, lr=0.1, progress=False)
+        >>> round(w.item(), 3)
+        1.0
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not (lr > 0 and final_lr > 0):
+        raise ValueError(f"lr and final_lr must be positive, got {lr!r} and {final_lr!r}")
+    parameters = list(parameters)
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=final_lr)
+    result = FitResult()
+    elapsed = 0.0
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        loss = loss_fn()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: the loss became {loss.item()} at step {step}")
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        elapsed += time.perf_counter() - start
+        result.losses.append(loss.item())
+        if track is not None and (step % track_every == 0 or step == steps - 1):
+            with torch.no_grad():
+                value = float(track())
+            result.tracked_steps.append(step)
+            result.tracked.append(value)
+            bar.set_postfix(loss=f"{loss.item():.4g}", tracked=f"{value:.4g}")
+    result.wall_time = elapsed
+    return result
