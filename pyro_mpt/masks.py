@@ -143,6 +143,7 @@ class MaskScheme(ABC):
         batch_shape: Sequence[int] = (),
         num_masks: int = 1,
         generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
     ) -> MaskSample:
         """Draw ``num_masks`` independent replicates of this scheme's basic draw.
 
@@ -152,6 +153,9 @@ class MaskScheme(ABC):
             num_masks: number of replicates; weights are divided by it so the estimate stays on the
                 same scale.
             generator: a ``torch.Generator`` for reproducible masks.
+            dtype: floating dtype of the weights (default: ``torch.get_default_dtype()``); they
+                are computed in float64 and rounded once, so a float64 model gets exact weights
+                whatever the default dtype.
 
         Returns:
             A :class:`MaskSample` with masks of shape ``(S, *batch_shape, D)``.
@@ -167,7 +171,10 @@ class MaskScheme(ABC):
             weights = weights.reshape(len(weights), *ones)
         shape = masks.shape[:1] + batch_shape
         return MaskSample(
-            masks.expand(*shape, event_size), weights.expand(shape) / num_masks, strata, self.exact
+            masks.expand(*shape, event_size),
+            (weights.expand(shape) / num_masks).to(dtype or torch.get_default_dtype()),
+            strata,
+            self.exact,
         )
 
     exact = False
@@ -193,7 +200,7 @@ class _UniformSizes(MaskScheme):
     def _draw(self, event_size, row_shape, num_masks, generator):
         low, high = self._size_range(event_size)
         sizes = torch.randint(low, high + 1, (num_masks, *row_shape), generator=generator)
-        weights = (high - low + 1) / sizes.to(torch.get_default_dtype())
+        weights = (high - low + 1) / sizes.to(torch.float64)
         masks = masks_of_sizes(sizes, event_size, generator)
         return masks, weights, torch.zeros(num_masks, dtype=torch.long)
 
@@ -267,7 +274,7 @@ class FixedRate(MaskScheme):
     def _draw(self, event_size, row_shape, num_masks, generator):
         size = size_for_rate(self.rate, event_size)
         sizes = torch.full((num_masks, *row_shape), size)
-        weights = torch.full(sizes.shape, event_size / size, dtype=torch.get_default_dtype())
+        weights = torch.full(sizes.shape, event_size / size, dtype=torch.float64)
         masks = masks_of_sizes(sizes, event_size, generator)
         return masks, weights, torch.zeros(num_masks, dtype=torch.long)
 
@@ -293,7 +300,7 @@ class Stratified(MaskScheme):
         per_size = self.masks_per_size * num_masks
         strata = torch.arange(event_size).repeat_interleave(per_size)
         sizes = (strata + 1).reshape(-1, *[1] * len(row_shape)).expand(len(strata), *row_shape)
-        weights = 1.0 / (self.masks_per_size * sizes.to(torch.get_default_dtype()))
+        weights = 1.0 / (self.masks_per_size * sizes.to(torch.float64))
         return masks_of_sizes(sizes, event_size, generator), weights, strata
 
 
@@ -323,7 +330,7 @@ class Exhaustive(MaskScheme):
         sizes = masks.sum(-1)
         binom = torch.tensor(
             [math.comb(event_size, m) for m in range(event_size + 1)],
-            dtype=torch.get_default_dtype(),
+            dtype=torch.float64,
         )
         weights = 1.0 / (binom[sizes] * sizes)
         return masks, weights, torch.arange(len(codes))
