@@ -19,7 +19,9 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def format_table(rows: list[dict]) -> str:
-    header = "| benchmark | case | ours (ms) | anchor | anchor (ms) | ratio |\n|---|---|---|---|---|---|"
+    header = (
+        "| benchmark | case | ours (ms) | anchor | anchor (ms) | ratio |\n|---|---|---|---|---|---|"
+    )
     lines = [
         f"| {r['benchmark']} | {r['case']} | {r['ours_ms']} | {r['anchor']} | {r['anchor_ms']} "
         f"| {r['ratio']} |"
@@ -31,7 +33,9 @@ def format_table(rows: list[dict]) -> str:
 def main(names: list[str]) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     available = sorted(
-        m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name.startswith("bench_")
+        m.name
+        for m in pkgutil.iter_modules([str(Path(__file__).parent)])
+        if m.name.startswith("bench_")
     )
     selected = [n if n.startswith("bench_") else f"bench_{n}" for n in names] or available
     RESULTS.mkdir(exist_ok=True)
@@ -42,7 +46,10 @@ def main(names: list[str]) -> None:
         print(f"\n## {name}\n{table}", flush=True)
         (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
         sections.append(f"## {name}\n\n{table}\n")
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )
     if not names:
         (RESULTS / "README.md").write_text(
             "# Benchmark results\n\nRatio = our time / the anchor's time on the same work, one run "

@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
         )
         print(format_table(results))
-        print(f"\nwrote {args.out / 'demo' / 'curves.png'} and {args.out / 'demo' / 'results.json'}")
+        print(
+            f"\nwrote {args.out / 'demo' / 'curves.png'} and {args.out / 'demo' / 'results.json'}"
+        )
         return 0
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
     for name in names:

@@ -1,4 +1,4 @@
-"""Data sets available offline: real data shipped inside scikit-learn, and the paper's synthetic data.
+"""Data sets available offline: real data shipped with scikit-learn, and the paper's synthetic data.
 
 Nothing here downloads anything. Real data sets are standardised column-wise (constant columns,
 such as the blank corner pixels of ``digits``, are centred and left with unit scale).
@@ -42,7 +42,9 @@ def load_digits(dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.as_tensor(standardize(sk_datasets.load_digits().data), dtype=dtype)
 
 
-def load_binarized_digits(threshold: float = 8.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def load_binarized_digits(
+    threshold: float = 8.0, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The digits binarised: pixel intensity (0..16) above ``threshold`` is 1, 1797 x 64.
 
     Example:

@@ -31,7 +31,11 @@ __all__ = ["run_demo"]
 
 
 def _objectives() -> dict[str, MaskScheme | None]:
-    return {"exact LML": None, "cumulative MPT": Cumulative(), "fixed-rate MPT (15%)": FixedRate(0.15)}
+    return {
+        "exact LML": None,
+        "cumulative MPT": Cumulative(),
+        "fixed-rate MPT (15%)": FixedRate(0.15),
+    }
 
 
 def train(
@@ -81,7 +85,9 @@ def run_demo(
     """
     data = load_digits(dtype)
     optimum = float(PCA(latent_dim).fit(data.double().numpy()).score(data.double().numpy()))
-    initial = PPCA(data.shape[1], latent_dim, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    initial = PPCA(data.shape[1], latent_dim, generator=torch.Generator().manual_seed(seed)).to(
+        dtype
+    )
     histories, rows = {}, []
     for name, masks in _objectives().items():
         model = copy.deepcopy(initial)

@@ -169,8 +169,7 @@ def low_rank_conditionals(
     """
     if not bool((cov_diag > 0).all()):
         raise ValueError(
-            "dist.cov_diag must be strictly positive: a zero diagonal makes the covariance "
-            "singular"
+            "dist.cov_diag must be strictly positive: a zero diagonal makes the covariance singular"
         )
     size, rank = cov_factor.shape[-2:]
     if rank >= size:
@@ -259,7 +258,7 @@ def full_rank_conditionals(
                 ).reshape(-1, size)
             block = flat_precision[cov_index[:, None, None], masked[:, :, None], masked[:, None, :]]
             block_cov = torch.cholesky_inverse(_cholesky(block))
-            shift = (block_cov @ precision_residual[rows].gather(-1, masked).unsqueeze(-1))
+            shift = block_cov @ precision_residual[rows].gather(-1, masked).unsqueeze(-1)
             group_mean = flat_value[rows].gather(-1, masked) - shift.squeeze(-1)
             group_var = block_cov.diagonal(dim1=-2, dim2=-1)
         else:

@@ -17,15 +17,16 @@ so that :math:`\log p(x) = \sum_{m=1}^{D} S(x; m)` (Moreno-Muñoz et al., 2023, 
 
 estimates its target:
 
-=============  ===========================================  =====================  ======================
-scheme         draw                                         weight                 target
-=============  ===========================================  =====================  ======================
-Cumulative     :math:`m \sim U\{1..D\}`, M uniform of size m  :math:`D/m`            :math:`\log p(x)`
-Stratified     P masks for every :math:`m = 1..D`           :math:`1/(P m)`        :math:`\log p(x)`
-FixedRate(ρ)   :math:`m = \mathrm{round}(\rho D)`           :math:`D/m`            :math:`D\,S(x; \rho D)`
-RateRange(a,b) :math:`m \sim U\{\lceil aD\rceil..\lfloor bD\rfloor\}`  :math:`L/m`  :math:`\sum_{m} S(x; m)`
-Exhaustive     all :math:`2^D - 1` masks                    :math:`1/(\binom{D}{m} m)`  :math:`\log p(x)`, exact
-=============  ===========================================  =====================  ======================
+* :class:`Cumulative`: :math:`m \sim U\{1..D\}`, then M uniform of size m; weight :math:`D/m`;
+  target :math:`\log p(x)` (unbiased).
+* :class:`Stratified`: P masks for every :math:`m = 1..D`; weight :math:`1/(Pm)`; target
+  :math:`\log p(x)` (unbiased, lower variance, :math:`DP` masks).
+* :class:`FixedRate` (ρ): :math:`m = \mathrm{round}(\rho D)`; weight :math:`D/m`; target
+  :math:`D\,S(x; \rho D)` (biased for :math:`\log p(x)`).
+* :class:`RateRange` (a, b): :math:`m \sim U\{\lceil aD \rceil..\lfloor bD \rfloor\}` (L sizes);
+  weight :math:`L/m`; target :math:`\sum_{m=\lceil aD \rceil}^{\lfloor bD \rfloor} S(x; m)`.
+* :class:`Exhaustive`: all :math:`2^D - 1` masks; weight :math:`1/(\binom{D}{m} m)`; target
+  :math:`\log p(x)`, exactly.
 
 (weights as listed are for one draw; with ``num_masks`` draws they are divided by ``num_masks``).
 
@@ -82,7 +83,7 @@ class MaskSample(NamedTuple):
 
 
 def size_for_rate(rate: float, event_size: int) -> int:
-    """Number of masked dimensions for a masking ``rate`` in (0, 1]: ``round(rate * D)``, at least 1.
+    """Masked dimensions for a masking ``rate`` in (0, 1]: ``round(rate * D)``, at least 1.
 
     Example:
         >>> size_for_rate(0.15, 64)
@@ -120,10 +121,10 @@ def masks_of_sizes(
         >>> masks_of_sizes(torch.tensor([1, 3]), 5).sum(-1)
         tensor([1, 3])
     """
-    # A uniformly random permutation's ranks; the m lowest ranks form a uniform m-subset.
-    noise = torch.rand(*sizes.shape, event_size, generator=generator)
-    ranks = noise.argsort(-1).argsort(-1)
-    return ranks < sizes.unsqueeze(-1)
+    # The first m entries of a uniformly random permutation form a uniform m-subset.
+    permutation = torch.rand(*sizes.shape, event_size, generator=generator).argsort(-1)
+    leading = torch.arange(event_size) < sizes.unsqueeze(-1)
+    return torch.zeros_like(leading).scatter_(-1, permutation, leading)
 
 
 class MaskScheme(ABC):

@@ -64,7 +64,7 @@ class MPTCurve(NamedTuple):
 
 
 def interpolation_weights(sizes: torch.Tensor, event_size: int) -> torch.Tensor:
-    """Weights c_r with sum_{m=1}^{D} f(m) ~= sum_r c_r f(sizes[r]) (piecewise-linear interpolation)."""
+    """Weights c_r with sum_{m=1}^{D} f(m) ~= sum_r c_r f(sizes[r]), by linear interpolation."""
     known = sizes.cpu().numpy().astype(float)
     grid = np.arange(1, event_size + 1, dtype=float)
     basis = np.eye(len(known))
@@ -153,7 +153,7 @@ def mpt_score(
         raise TypeError(f"masks must be a pyro_mpt.masks.MaskScheme, got {type(masks).__name__}")
     size = event_size(dist)
     batch = batch_shape_of(dist, value)
-    draw = masks.sample(size, batch, num_masks, generator)
+    draw = masks.sample(size, batch, num_masks, generator, dtype=value.dtype)
     log_prob = masked_conditional_log_prob(dist, value, draw.masks.to(value.device))
     contributions = draw.weights.to(log_prob) * log_prob.sum(-1)
     return stratified_estimate(_reduce(contributions, reduction, 1), draw.strata, draw.exact)
