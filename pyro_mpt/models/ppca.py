@@ -1,4 +1,4 @@
-r"""Probabilistic PCA (Tipping & Bishop, 1999) in collapsed form.
+r"""Probabilistic PCA (Tipping & Bishop, 1999), collapsed or with explicit latents.
 
 .. math::
 
@@ -6,9 +6,14 @@ r"""Probabilistic PCA (Tipping & Bishop, 1999) in collapsed form.
     \quad \varepsilon_n \sim \mathcal{N}(0, \sigma^2 I_D)
     \quad\Longrightarrow\quad x_n \sim \mathcal{N}(\mu, WW^\top + \sigma^2 I_D).
 
-The latent :math:`z_n` is integrated out, so the marginal is a ``LowRankMultivariateNormal`` and
-its masked conditionals are exact (:mod:`pyro_mpt.gaussian`). The maximum-likelihood solution is in
-closed form (``sklearn.decomposition.PCA(K).score(X)`` is its average log-likelihood).
+In the collapsed form (the default) :math:`z_n` is integrated out, so the marginal is a
+``LowRankMultivariateNormal`` and its masked conditionals are exact (:mod:`pyro_mpt.gaussian`). In
+the latent form (``collapsed=False``) the model samples :math:`z_n` in the data plate and observes
+``Normal(mu + W z_n, sigma).to_event(1)``; a guide (e.g. ``AutoNormal``) or masked pre-training's
+importance sampling integrates it. The maximum-likelihood solution is in closed form
+(``sklearn.decomposition.PCA(K).score(X)`` is its average log-likelihood). With ``prior_scale`` the
+loading matrix gets a prior :math:`W_{dk} \sim \mathcal{N}(0, s^2)` and becomes a latent site
+``"cov_factor"`` for a guide to cover.
 """
 
 from __future__ import annotations
@@ -16,19 +21,19 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule, PyroParam
+from pyro.nn import PyroModule, PyroParam, PyroSample
 
 __all__ = ["PPCA"]
 
 
 class PPCA(PyroModule):
-    r"""Collapsed PPCA with learned loading matrix :math:`W` and noise scale :math:`\sigma`.
+    r"""PPCA with learned loading matrix :math:`W` and noise scale :math:`\sigma`.
 
-    The same object serves every objective: ``forward`` is a Pyro model (one observed
-    ``LowRankMultivariateNormal`` site ``"x"`` per row, for ``Trace_ELBO`` or
-    :class:`~pyro_mpt.infer.MaskedPretrainingELBO`), :meth:`marginal` is the distribution for
-    exact LML or :func:`~pyro_mpt.scoring.mpt_score`, and :meth:`log_marginal` is the exact
-    per-row log marginal likelihood.
+    The same object serves every objective: ``forward`` is a Pyro model (rows observed at site
+    ``"x"`` in a ``"data"`` plate, for ``Trace_ELBO`` or
+    :class:`~pyro_mpt.infer.MaskedPretrainingELBO`), :meth:`marginal` is the distribution of a row
+    for exact LML or :func:`~pyro_mpt.scoring.mpt_score`, and :meth:`log_marginal` is the exact
+    per-row log marginal likelihood (in both forms).
 
     Args:
         data_dim: D.
@@ -37,6 +42,11 @@ class PPCA(PyroModule):
         init_scale: standard deviation of the random initial :math:`W`.
         loc: fixed mean :math:`\mu` (default zero: the maximum-likelihood mean of centred data).
         generator: ``torch.Generator`` for the initial :math:`W`.
+        collapsed: observe the marginal (``LowRankMultivariateNormal``, default) or sample the
+            latent ``"z"`` per row and observe ``Normal(mu + W z, sigma).to_event(1)``.
+        prior_scale: if given, :math:`W` has the prior :math:`\mathcal{N}(0, s^2)` entry-wise and
+            is a latent site ``"cov_factor"`` instead of a parameter; then pass ``cov_factor=`` to
+            :meth:`marginal` and :meth:`log_marginal`.
 
     Example:
         >>> model = PPCA(data_dim=5, latent_dim=2, generator=torch.Generator().manual_seed(0))
@@ -52,29 +62,81 @@ class PPCA(PyroModule):
         init_scale: float = 0.1,
         loc: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        collapsed: bool = True,
+        prior_scale: float | None = None,
     ):
         super().__init__()
-        if not 1 <= latent_dim:
+        if not isinstance(data_dim, int) or data_dim < 1:
+            raise ValueError(f"data_dim must be a positive integer, got {data_dim!r}")
+        if not isinstance(latent_dim, int) or latent_dim < 1:
             raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
+        if not noise_scale > 0:
+            raise ValueError(f"noise_scale must be positive, got {noise_scale!r}")
+        if prior_scale is not None and not prior_scale > 0:
+            raise ValueError(f"prior_scale must be positive or None, got {prior_scale!r}")
         self.data_dim, self.latent_dim = data_dim, latent_dim
+        self.collapsed, self.prior_scale = bool(collapsed), prior_scale
         self.register_buffer("loc", torch.zeros(data_dim) if loc is None else loc.clone())
-        self.cov_factor = PyroParam(
-            init_scale * torch.randn(data_dim, latent_dim, generator=generator)
-        )
-        self.noise_scale = PyroParam(torch.tensor(float(noise_scale)), dist.constraints.positive)
+        if prior_scale is None:
+            self.cov_factor = PyroParam(
+                init_scale * torch.randn(data_dim, latent_dim, generator=generator)
+            )
+        else:
+            self.cov_factor = PyroSample(
+                lambda self: dist.Normal(
+                    torch.zeros((), dtype=self.loc.dtype), float(self.prior_scale)
+                )
+                .expand([self.data_dim, self.latent_dim])
+                .to_event(2)
+            )
+        self.noise_scale = PyroParam(self._initial_noise(noise_scale), dist.constraints.positive)
 
-    def marginal(self) -> dist.LowRankMultivariateNormal:
-        """The marginal distribution of one row, :math:`\\mathcal{N}(\\mu, WW^T + \\sigma^2 I)`."""
-        cov_factor = self.cov_factor
+    def _initial_noise(self, noise_scale: float) -> torch.Tensor:
+        return torch.tensor(float(noise_scale))
+
+    def _loading(self, cov_factor: torch.Tensor | None) -> torch.Tensor:
+        if cov_factor is not None:
+            return cov_factor
+        if self.prior_scale is not None:
+            raise ValueError(
+                "this model has a prior on W (prior_scale is set): pass cov_factor= (e.g. the "
+                "guide's median) to evaluate the marginal at a value of W"
+            )
+        return self.cov_factor
+
+    def marginal(self, cov_factor: torch.Tensor | None = None) -> dist.LowRankMultivariateNormal:
+        """The marginal distribution of one row, :math:`\\mathcal{N}(\\mu, WW^T + \\Psi)`.
+
+        Example:
+            >>> PPCA(4, 2).marginal().event_shape
+            torch.Size([4])
+        """
+        cov_factor = self._loading(cov_factor)
         cov_diag = self.noise_scale.pow(2).expand(self.data_dim)
         return dist.LowRankMultivariateNormal(self.loc.to(cov_factor), cov_factor, cov_diag)
 
-    def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact :math:`\\log p(x_n)` for every row of ``x``."""
-        return self.marginal().log_prob(x)
+    def log_marginal(self, x: torch.Tensor, cov_factor: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact :math:`\\log p(x_n)` for every row of ``x`` (at ``cov_factor`` if given).
+
+        Example:
+            >>> PPCA(4, 2).log_marginal(torch.zeros(2, 4)).shape
+            torch.Size([2])
+        """
+        return self.marginal(cov_factor).log_prob(x)
 
     def forward(self, x: torch.Tensor | None = None, num_data: int | None = None):
-        """Pyro model: ``x`` observed row-wise in a ``"data"`` plate (``num_data`` rows in all)."""
+        """Pyro model: ``x`` observed row-wise in a ``"data"`` plate (``num_data`` rows in all).
+
+        Example:
+            >>> PPCA(4, 2)(torch.zeros(3, 4)).shape
+            torch.Size([3, 4])
+        """
         size = num_data if num_data is not None else (len(x) if x is not None else 1)
+        cov_factor = self.cov_factor
         with pyro.plate("data", size, subsample_size=None if x is None else len(x)):
-            return pyro.sample("x", self.marginal(), obs=x)
+            if self.collapsed:
+                return pyro.sample("x", self.marginal(cov_factor), obs=x)
+            prior = dist.Normal(torch.zeros((), dtype=cov_factor.dtype), 1.0)
+            z = pyro.sample("z", prior.expand([self.latent_dim]).to_event(1))
+            mean = self.loc.to(cov_factor) + z @ cov_factor.mT
+            return pyro.sample("x", dist.Normal(mean, self.noise_scale).to_event(1), obs=x)
