@@ -1,0 +1,197 @@
+r"""Shared machinery of the masked objectives for exact GPs.
+
+For an exact GP with a Gaussian likelihood the targets are jointly Gaussian,
+:math:`\mathbf y \sim \mathcal N(\boldsymbol\mu, \mathbf K + \boldsymbol\Sigma_\text{noise})`,
+so each masked observation has an exact predictive :math:`p(y_j \mid \mathbf y_R)` given the
+unmasked ones. All masks of a call share one Cholesky factor of the covariance (taken from the
+likelihood's ``linear_operator``, so GPyTorch's jitter settings apply); the conditioning itself is
+:func:`pyro_mpt.gaussian.full_rank_conditionals`, the same code the Pyro objectives use.
+
+Multitask targets of shape ``(n, t)`` are flattened in the order of the covariance (interleaved or
+not), so the ``n t`` observations are the maskable dimensions and the scale is ``n t``, as in
+:class:`gpytorch.mlls.ExactMarginalLogLikelihood`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from gpytorch import settings
+from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNormal
+from gpytorch.likelihoods import _GaussianLikelihoodBase
+from gpytorch.mlls import ExactMarginalLogLikelihood
+from gpytorch.models import ExactGP
+from linear_operator.operators import MaskedLinearOperator
+from torch import Tensor
+from torch.distributions import Normal
+
+from ..gaussian import full_rank_conditionals
+from ..masks import MaskSample
+
+__all__ = ["MaskedExactMLL", "Observations"]
+
+
+class Observations(NamedTuple):
+    """The targets as one flat Gaussian vector: ``value ~ N(loc, covariance)``, last dim D."""
+
+    loc: Tensor
+    value: Tensor
+    covariance: Tensor
+    scale_tril: Tensor
+
+    @property
+    def size(self) -> int:
+        return self.value.shape[-1]
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        return torch.broadcast_shapes(self.value.shape[:-1], self.loc.shape[:-1])
+
+
+class MaskedExactMLL(ExactMarginalLogLikelihood):
+    """Base class: a weighted sum of masked conditional log-densities of the targets.
+
+    Subclasses define :meth:`draw_masks`. Not for direct use.
+    """
+
+    def __init__(self, likelihood, model, generator: torch.Generator | None = None):
+        if not isinstance(likelihood, _GaussianLikelihoodBase):
+            raise TypeError(
+                "likelihood must be a Gaussian likelihood (gpytorch.likelihoods.GaussianLikelihood,"
+                " FixedNoiseGaussianLikelihood, MultitaskGaussianLikelihood, ...) for exact masked "
+                f"prediction; got {type(likelihood).__name__}"
+            )
+        if not isinstance(model, ExactGP):
+            raise TypeError(
+                "model must be a gpytorch.models.ExactGP: masked prediction of the observations "
+                f"needs the exact joint predictive; got {type(model).__name__} (for approximate "
+                "GPs use gpytorch.mlls.VariationalELBO or PredictiveLogLikelihood)"
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        super().__init__(likelihood, model)
+        self.generator = generator
+
+    def draw_masks(
+        self, event_size: int, batch_shape: torch.Size, dtype: torch.dtype
+    ) -> MaskSample:
+        """Masks ``(S, *batch_shape, D)`` and weights ``(S, *batch_shape)`` for one call."""
+        raise NotImplementedError
+
+    def conditionals(
+        self, function_dist: MultivariateNormal, target: Tensor, mask: Tensor, *params, **kwargs
+    ) -> tuple[Tensor, Tensor]:
+        r"""Mean and variance of :math:`y_j \mid \mathbf y_R` for every masked observation j.
+
+        Args:
+            function_dist: :math:`p(\mathbf f)`, the output of the exact GP.
+            target: :math:`\mathbf y`, without NaN.
+            mask: boolean, the shape of ``target`` with optional leading dimensions (one per
+                mask); ``True`` marks held-out observations, predicted from the others.
+
+        Returns:
+            ``(mean, variance)`` of the broadcast shape of ``mask`` and ``target``, including the
+            observation noise; unmasked positions hold the target and zero.
+        """
+        output = self.likelihood(function_dist, *params, **kwargs)
+        if bool(torch.isnan(target).any()):
+            raise ValueError("target contains NaN; conditionals needs complete observations")
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError("mask must be a boolean torch.Tensor (True = held out)")
+        if mask.shape[mask.dim() - target.dim() :] != target.shape:
+            raise ValueError(
+                f"mask must end with the target's shape {tuple(target.shape)}, "
+                f"got {tuple(mask.shape)}"
+            )
+        observations = _observations(output, target)
+        flat_mask = _flatten(output, mask)
+        if not bool(flat_mask.any(-1).all()):
+            raise ValueError("mask must hold out at least one observation in every row")
+        mean, var = _conditionals(observations, flat_mask)
+        return _unflatten(output, mean), _unflatten(output, var)
+
+    def forward(self, function_dist: MultivariateNormal, target: Tensor, *params, **kwargs):
+        if not isinstance(function_dist, MultivariateNormal):
+            raise TypeError(
+                "function_dist must be a gpytorch.distributions.MultivariateNormal (the output of "
+                f"an ExactGP), got {type(function_dist).__name__}"
+            )
+        output = self.likelihood(function_dist, *params, **kwargs)
+        observations = _observations(output, target)
+        draw = self.draw_masks(
+            observations.size, observations.batch_shape, observations.value.dtype
+        )
+        masks = draw.masks.to(observations.value.device)
+        mean, var = _conditionals(observations, masks)
+        log_prob = Normal(mean, torch.where(masks, var, 1.0).sqrt()).log_prob(observations.value)
+        masked_sum = torch.where(masks, log_prob, 0.0).sum(-1)
+        res = (draw.weights.to(masked_sum) * masked_sum).sum(0)
+        res = self._add_other_terms(res, params)
+
+        # Scale by the amount of data, as ExactMarginalLogLikelihood does.
+        num_data = function_dist.event_shape.numel()
+        return res.div_(num_data)
+
+
+def _conditionals(observations: Observations, mask: Tensor) -> tuple[Tensor, Tensor]:
+    return full_rank_conditionals(
+        observations.loc,
+        observations.value,
+        mask,
+        covariance=observations.covariance,
+        scale_tril=observations.scale_tril,
+    )
+
+
+def _observations(output: MultivariateNormal, target: Tensor) -> Observations:
+    """Flatten ``likelihood(function_dist)`` and the target, dropping NaN targets if asked to."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.shape[target.dim() - len(output.event_shape) :] != output.event_shape:
+        raise ValueError(
+            f"target must end with the output's event shape {tuple(output.event_shape)}, "
+            f"got {tuple(target.shape)}"
+        )
+    covariance = output.lazy_covariance_matrix
+    value = _flatten(output, target)
+    loc = output.loc
+    if bool(torch.isnan(target).any()):
+        policy = settings.observation_nan_policy.value()
+        if policy == "ignore":
+            raise ValueError(
+                "target contains NaN. Drop those observations, or set "
+                "gpytorch.settings.observation_nan_policy('mask') to leave them out of the "
+                "objective"
+            )
+        if policy == "fill":
+            raise ValueError(
+                "NaN observation policy 'fill' is not supported by masked objectives (nor by "
+                "ExactMarginalLogLikelihood); use 'mask'"
+            )
+        # As ExactMarginalLogLikelihood: a NaN in any batch element drops that observation.
+        observed = ~torch.isnan(value.reshape(-1, value.shape[-1])).any(0)
+        if not bool(observed.any()):
+            raise ValueError("target has no observed (non-NaN) entry")
+        covariance = MaskedLinearOperator(covariance, observed, observed)
+        value, loc = value[..., observed], loc[..., observed]
+    scale_tril = covariance.cholesky(upper=False).to_dense()
+    return Observations(loc, value, covariance.to_dense(), scale_tril)
+
+
+def _flatten(output: MultivariateNormal, tensor: Tensor) -> Tensor:
+    """``(..., n, t) -> (..., n t)`` in the covariance's order for multitask outputs."""
+    if not isinstance(output, MultitaskMultivariateNormal):
+        return tensor
+    if not output._interleaved:
+        tensor = tensor.mT
+    return tensor.reshape(*tensor.shape[:-2], -1)
+
+
+def _unflatten(output: MultivariateNormal, tensor: Tensor) -> Tensor:
+    if not isinstance(output, MultitaskMultivariateNormal):
+        return tensor
+    num_data, num_tasks = output.event_shape
+    if output._interleaved:
+        return tensor.unflatten(-1, (num_data, num_tasks))
+    return tensor.unflatten(-1, (num_tasks, num_data)).mT
