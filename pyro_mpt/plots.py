@@ -10,9 +10,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .scoring import MPTCurve  # noqa: E402
 from .training import FitResult  # noqa: E402
 
-__all__ = ["plot_training_curves"]
+__all__ = ["plot_training_curves", "plot_mpt_curve", "plot_convergence"]
 
 
 def plot_training_curves(
@@ -56,6 +57,126 @@ def plot_training_curves(
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _per_datum(curve: MPTCurve) -> tuple[list[float], list[float]]:
+    """Curve mean and standard error averaged over any batch (row) dimensions."""
+    mean, stderr = curve.mean, curve.stderr
+    if mean.dim() > 1:
+        rows = mean[0].numel()
+        mean = mean.reshape(len(mean), -1).mean(-1)
+        stderr = stderr.reshape(len(stderr), -1).pow(2).sum(-1).sqrt() / rows
+    return mean.tolist(), stderr.tolist()
+
+
+def plot_mpt_curve(
+    curves: MPTCurve | Mapping[str, MPTCurve],
+    path: str | Path,
+    lml: float | Mapping[str, float] | None = None,
+    title: str | None = None,
+) -> Path:
+    r"""Plot :math:`S(x; m)` against % masked, with error bars, the area shaded and the LML printed.
+
+    The area is :meth:`~pyro_mpt.scoring.MPTCurve.area` (the sum over every mask size, an
+    estimate of :math:`\log p(x)`); curves with a batch of rows are averaged per datum.
+
+    Args:
+        curves: one curve, or name -> curve.
+        path: where to write the PNG.
+        lml: the exact log marginal likelihood per datum (one number, or one per curve name),
+            printed next to the area.
+
+    Example:
+        >>> import tempfile, os, torch
+        >>> from torch.distributions import MultivariateNormal
+        >>> from pyro_mpt.scoring import mpt_curve
+        >>> d = MultivariateNormal(torch.zeros(4), torch.eye(4) + 0.5)
+        >>> curve = mpt_curve(d, d.sample((30,)), masks_per_rate=2, reduction="mean")
+        >>> plot_mpt_curve(curve, os.path.join(tempfile.mkdtemp(), "c.png"), lml=-5.0).exists()
+        True
+    """
+    if isinstance(curves, MPTCurve):
+        curves = {"S(x; m)": curves}
+    if not curves:
+        raise ValueError("curves must contain at least one MPTCurve")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines = []
+    for index, (name, curve) in enumerate(curves.items()):
+        color = f"C{index}"
+        percent = (100 * curve.rates).tolist()
+        mean, stderr = _per_datum(curve)
+        ax.errorbar(percent, mean, yerr=stderr, color=color, lw=1.4, elinewidth=0.8, label=name)
+        ax.fill_between(percent, mean, 0.0, color=color, alpha=0.15)
+        area = curve.area()
+        area_mean = area.mean.mean().item()
+        area_se = area.stderr.pow(2).sum().sqrt().item() / max(1, area.stderr.numel())
+        text = f"{name}: area = {area_mean:.3f} ± {area_se:.3f}"
+        exact = lml.get(name) if isinstance(lml, Mapping) else lml
+        if exact is not None:
+            text += f", exact LML = {exact:.3f}"
+        lines.append(text)
+    ax.text(0.02, 0.03, "\n".join(lines), transform=ax.transAxes, fontsize=8, va="bottom",
+            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "0.8"})
+    ax.set_xlabel("% masked (100 m / D)")
+    ax.set_ylabel("S(x; m) per datum")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_convergence(
+    masks: list[int],
+    gaps: Mapping[str, list[float]],
+    path: str | Path,
+    spread: Mapping[str, list[float]] | None = None,
+    title: str | None = None,
+) -> Path:
+    r"""Log-log plot of an estimator's error against the number of masks, with a
+    :math:`1/\sqrt{\text{masks}}` guide line.
+
+    Args:
+        masks: the x values (masks per size).
+        gaps: name -> error at each x (e.g. mean over seeds of |LML - MPT| per datum).
+        path: where to write the PNG.
+        spread: name -> half-width of an error band (e.g. the seeds' standard deviation).
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "c.png")
+        >>> plot_convergence([1, 4], {"a": [1.0, 0.5]}, path).exists()
+        True
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for index, (name, values) in enumerate(gaps.items()):
+        ax.plot(masks, values, marker="o", ms=3, color=f"C{index}", label=name)
+        if spread is not None and name in spread:
+            low = [max(v - s, 1e-12) for v, s in zip(values, spread[name], strict=True)]
+            high = [v + s for v, s in zip(values, spread[name], strict=True)]
+            ax.fill_between(masks, low, high, color=f"C{index}", alpha=0.15)
+    first = next(iter(gaps.values()))
+    guide = [first[0] * (masks[0] / m) ** 0.5 for m in masks]
+    ax.plot(masks, guide, "k:", lw=1, label="∝ 1/sqrt(masks)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("masks per size")
+    ax.set_ylabel("|LML − MPT| per datum (nats)")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

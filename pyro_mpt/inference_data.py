@@ -1,0 +1,310 @@
+r"""ArviZ bridge: Pyro posteriors to ``xarray.DataTree`` with pointwise log-likelihoods.
+
+ArviZ 1.x (arviz-base + arviz-stats) has no ``from_pyro``, and Pyro has no per-observation
+log-likelihood helper (pyro-ppl/pyro#3416, arviz-devs/arviz#1165). This module supplies both, so
+that PSIS-LOO (``arviz_stats.loo``) and model comparison (``arviz_stats.compare``) work on Pyro
+models. For posterior draws :math:`\theta^{(s)}` and every observed site with values
+:math:`y_i` (one per element of the site's batch shape, i.e. per plate entry),
+
+.. math::
+
+    \ell_{si} = \log p(y_i \mid \theta^{(s)}),
+
+computed by replaying the model with the latent sites conditioned on each draw
+(``poutine.condition`` + ``poutine.trace``) and evaluating the observed site's distribution
+``log_prob`` (event dimensions summed, batch dimensions kept). The DataTree gets the groups
+``posterior`` (the draws), ``log_likelihood`` (:math:`\ell`, dims ``chain, draw, *obs``),
+``observed_data`` and, optionally, ``mpt``: masked-pre-training scores :math:`S(x; m)` per mask
+size and the MPT estimate of :math:`\log p(x)`. On the marginal of the observations, the
+:math:`m = 1` point of that curve is the exact leave-one-out score that PSIS-LOO approximates.
+
+References:
+    A. Vehtari, A. Gelman, J. Gabry, "Practical Bayesian model evaluation using leave-one-out
+    cross-validation and WAIC", Statistics and Computing 27, 2017.
+    P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the Marginal
+    Likelihood", NeurIPS 2023.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyro.poutine as poutine
+import torch
+import xarray as xr
+from arviz_base import from_dict
+from pyro.poutine.util import site_is_subsample
+
+from .scoring import MPTCurve, MPTEstimate
+
+__all__ = ["log_likelihood", "guide_samples", "mpt_dataset", "from_pyro"]
+
+
+def _is_latent(site: dict) -> bool:
+    return (
+        site["type"] == "sample"
+        and not site["is_observed"]
+        and not site_is_subsample(site)
+        and not site["infer"].get("is_auxiliary", False)
+        and not site["infer"].get("_deterministic", False)
+    )
+
+
+def _is_observed(site: dict) -> bool:
+    return (
+        site["type"] == "sample"
+        and site["is_observed"]
+        and not site["infer"].get("_deterministic", False)
+    )
+
+
+def _num_samples(samples: Mapping[str, torch.Tensor]) -> int:
+    if not isinstance(samples, Mapping) or not samples:
+        raise ValueError("samples must be a non-empty mapping of site name -> (S, ...) tensor")
+    sizes = {name: len(value) for name, value in samples.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"samples must share their leading (draw) dimension, got sizes {sizes}")
+    return next(iter(sizes.values()))
+
+
+def _traces(model: Callable, samples: Mapping[str, torch.Tensor], args, kwargs):
+    """One model trace per draw, latent sites conditioned on the draw."""
+    for index in range(_num_samples(samples)):
+        draw = {name: value[index] for name, value in samples.items()}
+        trace = poutine.trace(poutine.condition(model, data=draw)).get_trace(*args, **kwargs)
+        missing = [name for name, site in trace.nodes.items() if _is_latent(site)]
+        missing = [name for name in missing if name not in draw]
+        if missing:
+            raise ValueError(
+                f"samples lack the latent site(s) {missing}: the model would draw them from the "
+                "prior, which is not the posterior predictive; pass draws of every latent site"
+            )
+        yield trace
+
+
+def log_likelihood(
+    model: Callable,
+    samples: Mapping[str, torch.Tensor],
+    *args,
+    observed: Sequence[str] | None = None,
+    **kwargs,
+) -> dict[str, torch.Tensor]:
+    r"""Pointwise log-likelihood :math:`\log p(y_i \mid \theta^{(s)})` of every observed site.
+
+    Args:
+        model: a Pyro model whose observations are given through ``obs=`` (via its arguments).
+        samples: posterior draws, site name -> tensor with a leading draw dimension ``S`` (e.g.
+            ``MCMC.get_samples()`` or :func:`guide_samples`); every latent site must be present.
+        *args, **kwargs: the model's arguments (the same data it was fitted to).
+        observed: the observed sites to keep (default: all).
+
+    Returns:
+        Site name -> tensor ``(S, *site.batch_shape)``: one value per draw and observation.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> y = torch.tensor([0.0, 1.0, 2.0])
+        >>> ll = log_likelihood(model, {"mu": torch.tensor([0.0, 1.0])}, y)
+        >>> ll["y"].shape
+        torch.Size([2, 3])
+    """
+    values: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for trace in _traces(model, samples, args, kwargs):
+            for name, site in trace.nodes.items():
+                # poutine.condition marks the conditioned latents as observed: skip them.
+                if not _is_observed(site) or name in samples:
+                    continue
+                if observed is not None and name not in observed:
+                    continue
+                log_prob = site["fn"].log_prob(site["value"])
+                mask = site.get("mask")
+                if mask is not None and mask is not True:
+                    # poutine.mask / obs_mask: masked-out observations contribute nothing.
+                    log_prob = torch.where(torch.as_tensor(mask), log_prob, 0.0)
+                values.setdefault(name, []).append(log_prob)
+    if observed is not None and set(observed) - set(values):
+        raise ValueError(f"observed site(s) {sorted(set(observed) - set(values))} not in model")
+    return {name: torch.stack(value) for name, value in values.items()}
+
+
+def observed_values(model: Callable, samples: Mapping[str, torch.Tensor], *args, **kwargs):
+    """Values of the observed sites (from one replay of the model)."""
+    first = {name: value[:1] for name, value in samples.items()}
+    trace = next(_traces(model, first, args, kwargs))
+    return {
+        name: site["value"]
+        for name, site in trace.nodes.items()
+        if _is_observed(site) and name not in samples
+    }
+
+
+def guide_samples(
+    guide: Callable, num_samples: int, *args, generator_seed: int | None = None, **kwargs
+) -> dict[str, torch.Tensor]:
+    """Draw ``num_samples`` posterior samples of every latent site from a (fitted) SVI guide.
+
+    Auxiliary sites of autoguides (e.g. ``AutoMultivariateNormal``'s joint latent) are left out.
+
+    Args:
+        guide: the guide, called with ``*args, **kwargs`` (the model's arguments).
+        num_samples: number of draws.
+        generator_seed: if given, ``pyro.set_rng_seed`` is called with it first.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> def guide(y):
+        ...     pyro.sample("mu", dist.Normal(0.5, 0.1))
+        >>> guide_samples(guide, 4, None)["mu"].shape
+        torch.Size([4])
+    """
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if generator_seed is not None:
+        import pyro
+
+        pyro.set_rng_seed(generator_seed)
+    draws: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for _ in range(num_samples):
+            trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            for name, site in trace.nodes.items():
+                if _is_latent(site):
+                    draws.setdefault(name, []).append(site["value"].detach())
+    return {name: torch.stack(value) for name, value in draws.items()}
+
+
+def mpt_dataset(
+    curve: MPTCurve | None = None, estimate: MPTEstimate | None = None
+) -> xr.Dataset:
+    r"""Masked pre-training results as an ``xarray.Dataset`` (the DataTree's ``mpt`` group).
+
+    Variables: ``score`` and ``score_se`` (:math:`S(x; m)`, dim ``mask_size`` plus any row dims,
+    coordinate ``rate``), ``curve_area`` and ``curve_area_se`` (the sum over sizes), and
+    ``lml_estimate`` and ``lml_estimate_se`` (``estimate`` if given, else the curve's area).
+
+    Example:
+        >>> ds = mpt_dataset(estimate=MPTEstimate(torch.tensor(-3.0), torch.tensor(0.1)))
+        >>> float(ds["lml_estimate"])
+        -3.0
+    """
+    if curve is None and estimate is None:
+        raise ValueError("give an MPTCurve (curve=) and/or an MPTEstimate (estimate=)")
+    variables: dict[str, Any] = {}
+    coords: dict[str, Any] = {}
+
+    def array(tensor: torch.Tensor, first: str | None) -> tuple[list[str], np.ndarray]:
+        value = tensor.detach().cpu().numpy()
+        dims = ([first] if first else []) + [f"row_dim_{i}" for i in range(value.ndim)]
+        return dims[: value.ndim], value
+
+    if curve is not None:
+        if not isinstance(curve, MPTCurve):
+            raise TypeError(f"curve must be an MPTCurve, got {type(curve).__name__}")
+        variables["score"] = array(curve.mean, "mask_size")
+        variables["score_se"] = array(curve.stderr, "mask_size")
+        coords["mask_size"] = curve.sizes.cpu().numpy()
+        coords["rate"] = ("mask_size", curve.rates.detach().cpu().numpy())
+        area = curve.area()
+        variables["curve_area"] = array(area.mean, None)
+        variables["curve_area_se"] = array(area.stderr, None)
+        estimate = area if estimate is None else estimate
+    if not isinstance(estimate, MPTEstimate):
+        raise TypeError(f"estimate must be an MPTEstimate, got {type(estimate).__name__}")
+    variables["lml_estimate"] = array(estimate.mean, None)
+    variables["lml_estimate_se"] = array(estimate.stderr, None)
+    attrs = {"event_size": curve.event_size} if curve is not None else {}
+    return xr.Dataset(variables, coords=coords, attrs=attrs)
+
+
+def from_pyro(
+    posterior: Any,
+    model: Callable | None = None,
+    model_args: Sequence[Any] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    *,
+    num_chains: int = 1,
+    mpt: MPTCurve | MPTEstimate | None = None,
+    coords: Mapping[str, Any] | None = None,
+    dims: Mapping[str, Sequence[str]] | None = None,
+) -> xr.DataTree:
+    """Build an ArviZ ``DataTree`` (``posterior``, ``log_likelihood``, ``observed_data``, ``mpt``).
+
+    Args:
+        posterior: a ``pyro.infer.MCMC`` that has been run (its model and arguments are reused
+            unless given), or a mapping site name -> draws with a leading draw dimension (e.g.
+            :func:`guide_samples` of a fitted SVI guide, or exact posterior draws).
+        model: the Pyro model (required with a mapping).
+        model_args, model_kwargs: the model's arguments (the data it was fitted to).
+        num_chains: with a mapping, split the draws into this many chains (in order).
+        mpt: optional masked pre-training results for the ``mpt`` group (see :func:`mpt_dataset`).
+        coords, dims: passed to ``arviz_base.from_dict`` (name the observation dimension, e.g.
+            ``dims={"y": ["obs"]}``).
+
+    Returns:
+        An ``xarray.DataTree`` ready for ``arviz_stats.loo`` and ``arviz_stats.compare``.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> y = torch.tensor([0.0, 1.0, 2.0])
+        >>> dt = from_pyro({"mu": 0.1 * torch.randn(40)}, model, (y,), num_chains=2)
+        >>> dict(dt["log_likelihood"]["y"].sizes)
+        {'chain': 2, 'draw': 20, 'y_dim_0': 3}
+    """
+    if hasattr(posterior, "get_samples") and hasattr(posterior, "kernel"):
+        grouped = posterior.get_samples(group_by_chain=True)
+        num_chains = next(iter(grouped.values())).shape[0]
+        samples = {name: value.flatten(0, 1) for name, value in grouped.items()}
+        model = posterior.kernel.model if model is None else model
+        model_args = posterior._args if model_args is None else model_args
+        model_kwargs = posterior._kwargs if model_kwargs is None else model_kwargs
+    elif isinstance(posterior, Mapping):
+        samples = dict(posterior)
+        if model is None:
+            raise ValueError("model is required when posterior is a mapping of samples")
+    else:
+        raise TypeError(
+            f"posterior must be a pyro.infer.MCMC or a mapping of samples, got "
+            f"{type(posterior).__name__}"
+        )
+    model_args = tuple(model_args or ())
+    model_kwargs = dict(model_kwargs or {})
+    total = _num_samples(samples)
+    if not isinstance(num_chains, int) or num_chains < 1 or total % num_chains:
+        raise ValueError(f"num_chains={num_chains!r} must be a positive divisor of {total} draws")
+
+    def by_chain(tensor: torch.Tensor) -> np.ndarray:
+        value = tensor.detach().cpu().numpy()
+        return value.reshape(num_chains, total // num_chains, *value.shape[1:])
+
+    pointwise = log_likelihood(model, samples, *model_args, **model_kwargs)
+    if not pointwise:
+        raise ValueError("the model has no observed sites: pass its data through model_args")
+    observed = observed_values(model, samples, *model_args, **model_kwargs)
+    tree = from_dict(
+        {
+            "posterior": {name: by_chain(value) for name, value in samples.items()},
+            "log_likelihood": {name: by_chain(value) for name, value in pointwise.items()},
+            "observed_data": {
+                name: value.detach().cpu().numpy() for name, value in observed.items()
+            },
+        },
+        coords=coords,
+        dims=dims,
+    )
+    if mpt is not None:
+        if isinstance(mpt, MPTCurve):
+            tree["mpt"] = xr.DataTree(mpt_dataset(curve=mpt))
+        else:
+            tree["mpt"] = xr.DataTree(mpt_dataset(estimate=mpt))
+    return tree
