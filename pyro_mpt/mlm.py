@@ -1,0 +1,533 @@
+r"""Masked language models: the whole masked-prediction curve and its area, not just the PLL.
+
+For a text of D scoreable tokens :math:`x = (x_1, \dots, x_D)` (special tokens such as ``[CLS]``
+and ``[SEP]`` are context, never scored) a masked language model gives per-token conditionals
+:math:`p(x_j \mid x_R)`: the probability of the hidden token j given the visible ones. Write
+
+.. math::
+
+    S(x; m) = \binom{D}{m}^{-1} \sum_{|M| = m} \frac{1}{m} \sum_{j \in M} \log p(x_j \mid x_R),
+    \qquad R = \{1..D\} \setminus M,
+
+the mean per-token log-probability of the masked tokens when m of them are hidden. Averaging the
+chain rule over all orderings gives
+
+.. math::
+
+    \log p(x) = \sum_{m=1}^{D} S(x; m)
+
+(Moreno-Muñoz et al., 2023; Fong & Holmes, 2020). The m = 1 term times D is the
+pseudo-log-likelihood :math:`\mathrm{PLL}(x) = \sum_j \log p(x_j \mid x_{-j})` that masked LMs are
+usually scored with (Salazar et al., 2020, *mlm-scoring*; Misra, *minicons*); the other terms say
+how well the model predicts with less and less context, and the area estimates :math:`\log p(x)`.
+A trained model's curve falls as the masking rate rises; an untrained one is flat near
+:math:`-\log V` (V the vocabulary size).
+
+A masked LM's conditionals are not, in general, derived from one joint distribution, so the area
+is the marginal likelihood of the joint the model would define *if* they were consistent: an
+honest score of the model's masked predictions at every context size, comparable across models
+with the same tokenizer.
+
+* :func:`mlm_curve` estimates :math:`S(x; m)` per text at chosen masking rates
+  (``m = round(rate * D)``, at least 1), with Monte-Carlo standard errors. When a size has no more
+  than ``masks_per_rate`` distinct masks (m = 1 on short texts, m = D always), all of them are
+  used and the term is exact.
+* :func:`mlm_score` estimates :math:`\log p(x)` per text with a :mod:`~pyro_mpt.masks` scheme
+  (unbiased :class:`~pyro_mpt.masks.Cumulative` by default) and returns the exact PLL alongside.
+
+Needs the optional extra ``pip install 'pyro_mpt[mlm]'`` (``transformers``, ``tokenizers``);
+this module imports without it and says so when used. Nothing is downloaded: load your model with
+``AutoModelForMaskedLM.from_pretrained(local_path)``.
+
+References:
+    P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the Marginal
+    Likelihood", NeurIPS 2023.
+    E. Fong, C. Holmes, "On the marginal likelihood and cross-validation", Biometrika 107(2), 2020.
+    J. Salazar, D. Liang, T. Q. Nguyen, K. Kirchhoff, "Masked Language Model Scoring", ACL 2020.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from .masks import Cumulative, MaskScheme, masks_of_sizes, size_for_rate
+from .scoring import MPTCurve, MPTEstimate, stratified_estimate
+
+__all__ = [
+    "DEFAULT_RATES",
+    "MLMCurve",
+    "MLMScore",
+    "mlm_curve",
+    "mlm_score",
+    "train_wordpiece_tokenizer",
+]
+
+#: The paper's E4 grid of masking rates, 1% to 99%.
+DEFAULT_RATES = (0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+_EXTRA_HINT = "install the optional extra: pip install 'pyro_mpt[mlm]'"
+
+
+def _require_transformers():
+    """Import ``transformers`` or fail with an ImportError that names the extra."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError(
+            f"pyro_mpt.mlm needs Hugging Face transformers and tokenizers; {_EXTRA_HINT}"
+        ) from exc
+    return transformers
+
+
+class MLMCurve(NamedTuple):
+    r"""Masked-prediction scores :math:`S(x; m)` of a masked LM per masking rate and text.
+
+    Texts have different numbers of tokens D, so one rate means a different mask size per text.
+
+    Attributes:
+        rates: ``(R,)`` masking rates, ascending.
+        sizes: ``(R, N)`` long, the mask size m used for each rate and text.
+        mean: ``(R, N)`` estimates of :math:`S(x_n; m)`, nats per masked token.
+        stderr: ``(R, N)`` their Monte-Carlo standard errors (0 where all masks were enumerated).
+        num_tokens: ``(N,)`` long, D of each text (special tokens excluded).
+    """
+
+    rates: torch.Tensor
+    sizes: torch.Tensor
+    mean: torch.Tensor
+    stderr: torch.Tensor
+    num_tokens: torch.Tensor
+
+    def per_text(self, index: int) -> MPTCurve:
+        """The curve of one text as a :class:`~pyro_mpt.scoring.MPTCurve` (distinct sizes only).
+
+        Example:
+            >>> curve = MLMCurve(rates=torch.tensor([0.1, 0.5]), sizes=torch.tensor([[1], [1]]),
+            ...                  mean=torch.tensor([[-2.0], [-2.0]]), stderr=torch.zeros(2, 1),
+            ...                  num_tokens=torch.tensor([2]))
+            >>> curve.per_text(0).sizes.tolist()
+            [1]
+        """
+        sizes, first = _first_occurrences(self.sizes[:, index])
+        return MPTCurve(
+            sizes,
+            sizes.to(self.mean.dtype) / int(self.num_tokens[index]),
+            self.mean[first, index],
+            self.stderr[first, index],
+            int(self.num_tokens[index]),
+        )
+
+    def area(self) -> MPTEstimate:
+        r"""Per-text area :math:`\sum_{m=1}^{D} S(x; m)`, an estimate of :math:`\log p(x)`.
+
+        Sizes between the measured ones are linearly interpolated and held constant beyond the
+        ends (see :meth:`pyro_mpt.scoring.MPTCurve.area`); for an unbiased estimate use
+        :func:`mlm_score`.
+
+        Example:
+            >>> curve = MLMCurve(rates=torch.tensor([0.5, 1.0]), sizes=torch.tensor([[1], [2]]),
+            ...                  mean=torch.tensor([[-1.0], [-3.0]]), stderr=torch.zeros(2, 1),
+            ...                  num_tokens=torch.tensor([2]))
+            >>> curve.area().mean.tolist()
+            [-4.0]
+        """
+        estimates = [self.per_text(n).area() for n in range(len(self.num_tokens))]
+        return MPTEstimate(
+            torch.stack([e.mean for e in estimates]), torch.stack([e.stderr for e in estimates])
+        )
+
+    def average(self) -> MPTEstimate:
+        r"""Mean of :math:`S(x; m)` over texts at each rate, ``(R,)``, the curve one plots.
+
+        The standard error is the Monte-Carlo error of that mean for these texts (independent
+        masks per text), not a sampling error over texts.
+
+        Example:
+            >>> curve = MLMCurve(rates=torch.tensor([0.5]), sizes=torch.tensor([[1, 2]]),
+            ...                  mean=torch.tensor([[-1.0, -3.0]]), stderr=torch.ones(1, 2),
+            ...                  num_tokens=torch.tensor([2, 4]))
+            >>> curve.average().mean.tolist()
+            [-2.0]
+        """
+        count = self.mean.shape[-1]
+        return MPTEstimate(self.mean.mean(-1), self.stderr.pow(2).sum(-1).sqrt() / count)
+
+
+class MLMScore(NamedTuple):
+    r"""Per-text scores of a masked LM, in nats.
+
+    Attributes:
+        log_prob: :class:`~pyro_mpt.scoring.MPTEstimate` of :math:`\log p(x)` (the cumulative
+            masked pre-training score) with its standard error, ``(N,)``.
+        pseudo_log_likelihood: ``(N,)`` exact :math:`\sum_j \log p(x_j \mid x_{-j})`, the m = 1
+            term times D (what mlm-scoring and minicons report).
+        num_tokens: ``(N,)`` long, D of each text.
+    """
+
+    log_prob: MPTEstimate
+    pseudo_log_likelihood: torch.Tensor
+    num_tokens: torch.Tensor
+
+
+class _Text(NamedTuple):
+    """One tokenized text: all ids (special tokens included) and the positions that are scored."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+
+
+class _Job(NamedTuple):
+    """One forward pass: text ``text`` with the scoreable tokens where ``mask`` is True hidden."""
+
+    text: int
+    mask: torch.Tensor
+
+
+def _first_occurrences(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct values of a sorted 1-d tensor and the index of each one's first occurrence."""
+    distinct, inverse = torch.unique_consecutive(values, return_inverse=True)
+    first = torch.full((len(distinct),), len(values), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, torch.arange(len(values)), reduce="amin")
+    return distinct, first
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_model(model) -> None:
+    """Refuse anything that is not a Hugging Face masked language model."""
+    transformers = _require_transformers()
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    name = type(model).__name__
+    is_mlm = name in set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()) or name.endswith("ForMaskedLM")
+    if not isinstance(model, transformers.PreTrainedModel) or not is_mlm:
+        raise TypeError(
+            "model must be a Hugging Face masked language model (what AutoModelForMaskedLM "
+            f"loads, e.g. BertForMaskedLM), got {name}"
+        )
+
+
+def _max_length(model, tokenizer) -> int | None:
+    """The longest input the model accepts, from the tokenizer and the position embeddings."""
+    limits = [
+        getattr(tokenizer, "model_max_length", None),
+        getattr(model.config, "max_position_embeddings", None),
+    ]
+    limits = [int(limit) for limit in limits if isinstance(limit, int) and 0 < limit < 10**9]
+    return min(limits) if limits else None
+
+
+def _encode(model, tokenizer, texts: Sequence[str]) -> list[_Text]:
+    """Tokenize, find the scoreable (non-special) tokens, and refuse empty or too-long texts."""
+    if isinstance(texts, str) or not isinstance(texts, Iterable):
+        raise TypeError("texts must be a list of strings (wrap a single text in a list)")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("texts must contain at least one text")
+    if getattr(tokenizer, "mask_token_id", None) is None:
+        raise ValueError(
+            f"tokenizer must define a mask token (tokenizer.mask_token_id), got {tokenizer!r}"
+        )
+    vocab_size = getattr(model.config, "vocab_size", None)
+    limit = _max_length(model, tokenizer)
+    encoded = []
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{index}] must be a string, got {type(text).__name__}")
+        tokens = tokenizer(text, return_special_tokens_mask=True)
+        ids = torch.as_tensor(tokens["input_ids"], dtype=torch.long)
+        special = torch.as_tensor(tokens["special_tokens_mask"], dtype=torch.bool)
+        positions = (~special).nonzero().squeeze(-1)
+        if len(positions) == 0:
+            raise ValueError(f"texts[{index}] has no tokens to score (empty text): {text!r}")
+        if limit is not None and len(ids) > limit:
+            raise ValueError(
+                f"texts[{index}] has {len(ids)} tokens but the model accepts at most {limit}; "
+                "split it into shorter texts"
+            )
+        if vocab_size is not None and int(ids.max()) >= vocab_size:
+            raise ValueError(
+                f"texts[{index}] has token id {int(ids.max())} but the model's vocabulary has "
+                f"{vocab_size} entries: the tokenizer does not belong to this model"
+            )
+        encoded.append(_Text(ids, positions))
+    return encoded
+
+
+def _masked_sums(
+    model,
+    tokenizer,
+    texts: list[_Text],
+    jobs: list[_Job],
+    batch_size: int,
+    progress: bool,
+    desc: str,
+) -> torch.Tensor:
+    r"""For every job, :math:`\sum_{j \in M} \log p(x_j \mid x_R)` (float64, on the CPU).
+
+    Jobs are run longest-first in padded batches (right padding, attention mask), so texts of
+    similar length share a batch and padding stays small.
+    """
+    device = next(model.parameters()).device
+    mask_id = tokenizer.mask_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else mask_id
+    order = sorted(range(len(jobs)), key=lambda k: -len(texts[jobs[k].text].input_ids))
+    sums = torch.zeros(len(jobs), dtype=torch.float64)
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    training = model.training
+    model.eval()  # dropout would make the scores random
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+                length = max(len(texts[jobs[k].text].input_ids) for k in batch)
+                ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+                attention = torch.zeros((len(batch), length), dtype=torch.long)
+                hidden = torch.zeros((len(batch), length), dtype=torch.bool)
+                for row, k in enumerate(batch):
+                    text = texts[jobs[k].text]
+                    ids[row, : len(text.input_ids)] = text.input_ids
+                    attention[row, : len(text.input_ids)] = 1
+                    hidden[row, text.positions[jobs[k].mask]] = True
+                targets = ids[hidden]
+                ids[hidden] = mask_id
+                logits = model(
+                    input_ids=ids.to(device), attention_mask=attention.to(device)
+                ).logits
+                # Normalise only where a token is hidden: the rest of the logits are never used.
+                log_probs = logits[hidden.to(device)].float().log_softmax(-1)
+                picked = log_probs.gather(-1, targets.to(device).unsqueeze(-1)).squeeze(-1)
+                rows = hidden.nonzero()[:, 0]
+                per_row = torch.zeros(len(batch), dtype=torch.float64)
+                per_row.index_add_(0, rows, picked.double().cpu())
+                sums[torch.tensor(batch)] = per_row
+    finally:
+        model.train(training)
+    return sums
+
+
+def _masks_of_size(
+    size: int, event_size: int, masks_per_rate: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, bool]:
+    """``masks_per_rate`` random masks of ``size`` tokens, or all of them when there are no more
+    than that (returned with ``exact=True``)."""
+    if math.comb(event_size, size) <= masks_per_rate:
+        masks = torch.zeros(math.comb(event_size, size), event_size, dtype=torch.bool)
+        for row, subset in enumerate(itertools.combinations(range(event_size), size)):
+            masks[row, list(subset)] = True
+        return masks, True
+    sizes = torch.full((masks_per_rate,), size)
+    return masks_of_sizes(sizes, event_size, generator), False
+
+
+def _check_rates(rates: Sequence[float]) -> list[float]:
+    try:
+        rates = [float(rate) for rate in rates]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"rates must be a sequence of numbers in (0, 1], got {rates!r}") from exc
+    if not rates:
+        raise ValueError("rates must contain at least one masking rate in (0, 1]")
+    for rate in rates:
+        if not (math.isfinite(rate) and 0.0 < rate <= 1.0):
+            raise ValueError(f"rates must lie in (0, 1] (a fraction of the tokens), got {rate!r}")
+    return sorted(set(rates))
+
+
+def mlm_curve(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    rates: Sequence[float] = DEFAULT_RATES,
+    masks_per_rate: int = 8,
+    batch_size: int = 32,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+) -> MLMCurve:
+    r"""Mean per-token masked log-probability :math:`S(x; m)` of each text at each masking rate.
+
+    For text n with :math:`D_n` scoreable tokens and rate :math:`\rho`, the mask size is
+    :math:`m = \mathrm{round}(\rho D_n)` (at least 1); ``masks_per_rate`` uniformly random masks
+    of that size are scored, or every mask when there are no more than that many (then the term is
+    exact: at m = 1 with ``masks_per_rate >= D`` it is the pseudo-log-likelihood divided by D).
+
+    Args:
+        model: a Hugging Face masked LM (``AutoModelForMaskedLM``), on any device.
+        tokenizer: its tokenizer (must define a mask token).
+        texts: list of strings; special tokens the tokenizer adds are context, never masked.
+        rates: masking rates in (0, 1] (sorted, duplicates merged); default :data:`DEFAULT_RATES`.
+        masks_per_rate: masks per rate and text (>= 2 for a standard error).
+        batch_size: rows per forward pass.
+        generator: ``torch.Generator`` for reproducible masks.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        :class:`MLMCurve`; ``.average()`` is the corpus curve, ``.area()`` the per-text areas.
+
+    Example:
+        >>> from transformers import AutoModelForMaskedLM, AutoTokenizer  # doctest: +SKIP
+        >>> model = AutoModelForMaskedLM.from_pretrained("/path/to/bert")  # doctest: +SKIP
+        >>> tokenizer = AutoTokenizer.from_pretrained("/path/to/bert")  # doctest: +SKIP
+        >>> curve = mlm_curve(model, tokenizer, ["The cat sat on the mat."])  # doctest: +SKIP
+        >>> curve.average().mean  # S(x; m) per rate, nats per token  # doctest: +SKIP
+    """
+    _check_model(model)
+    rates = _check_rates(rates)
+    _check_positive_int("masks_per_rate", masks_per_rate)
+    _check_positive_int("batch_size", batch_size)
+    encoded = _encode(model, tokenizer, texts)
+    sizes = torch.tensor(
+        [[size_for_rate(rate, len(text.positions)) for text in encoded] for rate in rates]
+    )
+    # One set of masks per (text, distinct size); rates that round to the same size share it.
+    jobs: list[_Job] = []
+    groups: dict[tuple[int, int], tuple[slice, bool]] = {}
+    for n, text in enumerate(encoded):
+        for m in sorted(set(sizes[:, n].tolist())):
+            masks, exact = _masks_of_size(m, len(text.positions), masks_per_rate, generator)
+            groups[n, m] = (slice(len(jobs), len(jobs) + len(masks)), exact)
+            jobs.extend(_Job(n, mask) for mask in masks)
+    sums = _masked_sums(model, tokenizer, encoded, jobs, batch_size, progress, "MLM curve")
+    mean = torch.empty(sizes.shape, dtype=torch.float64)
+    stderr = torch.empty(sizes.shape, dtype=torch.float64)
+    for (n, m), (rows, exact) in groups.items():
+        per_mask = sums[rows] / m
+        draws = len(per_mask)
+        estimate = stratified_estimate(
+            per_mask / draws, torch.zeros(draws, dtype=torch.long), exact=exact
+        )
+        where = sizes[:, n] == m
+        mean[where, n] = estimate.mean
+        stderr[where, n] = estimate.stderr
+    num_tokens = torch.tensor([len(text.positions) for text in encoded])
+    return MLMCurve(torch.tensor(rates, dtype=torch.float64), sizes, mean, stderr, num_tokens)
+
+
+def mlm_score(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    masks: MaskScheme | None = None,
+    num_masks: int = 64,
+    batch_size: int = 32,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+) -> MLMScore:
+    r"""Cumulative masked pre-training estimate of :math:`\log p(x)` per text, and its PLL.
+
+    Each text draws ``num_masks`` replicates of the scheme ``masks`` over its D scoreable tokens
+    (default :class:`~pyro_mpt.masks.Cumulative`: :math:`m \sim U\{1..D\}`, weight D/m,
+    unbiased); :class:`~pyro_mpt.masks.Stratified` has lower variance at ``D * masks_per_size``
+    forward passes per replicate, :class:`~pyro_mpt.masks.Exhaustive` is exact for short texts.
+    The pseudo-log-likelihood costs D more forward passes per text and is exact.
+
+    Args:
+        model: a Hugging Face masked LM (``AutoModelForMaskedLM``), on any device.
+        tokenizer: its tokenizer (must define a mask token).
+        texts: list of strings; special tokens are context, never masked.
+        masks: a :class:`~pyro_mpt.masks.MaskScheme`; default :class:`~pyro_mpt.masks.Cumulative`.
+        num_masks: replicates of the scheme's draw per text (>= 2 for a standard error).
+        batch_size: rows per forward pass.
+        generator: ``torch.Generator`` for reproducible masks.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        :class:`MLMScore` with ``log_prob`` (estimate, standard error), the exact
+        ``pseudo_log_likelihood`` and ``num_tokens``, all ``(N,)``, in nats per text.
+
+    Example:
+        >>> from transformers import AutoModelForMaskedLM, AutoTokenizer  # doctest: +SKIP
+        >>> model = AutoModelForMaskedLM.from_pretrained("/path/to/bert")  # doctest: +SKIP
+        >>> tokenizer = AutoTokenizer.from_pretrained("/path/to/bert")  # doctest: +SKIP
+        >>> score = mlm_score(model, tokenizer, ["The cat sat on the mat."])  # doctest: +SKIP
+        >>> score.log_prob.mean, score.pseudo_log_likelihood  # doctest: +SKIP
+    """
+    _check_model(model)
+    masks = Cumulative() if masks is None else masks
+    if not isinstance(masks, MaskScheme):
+        raise TypeError(f"masks must be a pyro_mpt.masks.MaskScheme, got {type(masks).__name__}")
+    _check_positive_int("num_masks", num_masks)
+    _check_positive_int("batch_size", batch_size)
+    encoded = _encode(model, tokenizer, texts)
+    jobs: list[_Job] = []
+    draws = []
+    for n, text in enumerate(encoded):
+        size = len(text.positions)
+        draw = masks.sample(size, (), num_masks, generator)
+        draws.append((slice(len(jobs), len(jobs) + len(draw.masks)), draw))
+        jobs.extend(_Job(n, mask) for mask in draw.masks)
+    pll_rows = []
+    for n, text in enumerate(encoded):
+        start = len(jobs)
+        jobs.extend(_Job(n, mask) for mask in torch.eye(len(text.positions), dtype=torch.bool))
+        pll_rows.append(slice(start, len(jobs)))
+    sums = _masked_sums(model, tokenizer, encoded, jobs, batch_size, progress, "MLM score")
+    estimates = [
+        stratified_estimate(draw.weights.to(sums) * sums[rows], draw.strata, draw.exact)
+        for rows, draw in draws
+    ]
+    return MLMScore(
+        MPTEstimate(
+            torch.stack([e.mean for e in estimates]), torch.stack([e.stderr for e in estimates])
+        ),
+        torch.stack([sums[rows].sum() for rows in pll_rows]),
+        torch.tensor([len(text.positions) for text in encoded]),
+    )
+
+
+def train_wordpiece_tokenizer(
+    texts: Iterable[str], vocab_size: int = 2000, lowercase: bool = True, max_length: int = 512
+):
+    """Train a BERT-style WordPiece tokenizer locally and wrap it for ``transformers``.
+
+    Adds ``[PAD] [UNK] [CLS] [SEP] [MASK]`` (ids 0-4) and the ``[CLS] text [SEP]`` template, so
+    that it works with :func:`mlm_curve` and a ``BertForMaskedLM`` built from a config. Nothing is
+    downloaded.
+
+    Args:
+        texts: training text.
+        vocab_size: target vocabulary size (special tokens included; may come out smaller for a
+            small corpus).
+        lowercase: lowercase and strip accents, as ``bert-base-uncased`` does.
+        max_length: the tokenizer's ``model_max_length``.
+
+    Returns:
+        A ``transformers.PreTrainedTokenizerFast``.
+
+    Example:
+        >>> tok = train_wordpiece_tokenizer(["the cat sat on the mat"], vocab_size=40)
+        >>> tok.convert_ids_to_tokens(tok("the cat")["input_ids"])
+        ['[CLS]', 'the', 'cat', '[SEP]']
+    """
+    _require_transformers()
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers.trainers import WordPieceTrainer
+    from transformers import PreTrainedTokenizerFast
+
+    _check_positive_int("vocab_size", vocab_size)
+    special = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
+               "sep_token": "[SEP]", "mask_token": "[MASK]"}  # fmt: skip
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=list(special.values()), show_progress=False
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    tokenizer.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, model_max_length=max_length, **special
+    )
