@@ -8,4 +8,8 @@ them by name through :data:`EXPERIMENTS`.
 
 EXPERIMENTS = {
     # name -> (module, one-line description); modules are imported lazily by the CLI.
+    "mlm": (
+        "pyro_mpt.experiments.mlm",
+        "E4: masked LM trained from scratch vs untrained, MPT curve over masking rates",
+    ),
 }
