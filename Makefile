@@ -31,6 +31,13 @@ test: lint
 bench: venv
 	$(BIN)/python -m benchmarks
 
+# The docs extra (sphinx, myst-nb, furo, jupytext, ipykernel) is installed on first use only, so
+# that `make test` never needs it. Tutorials are executed during the build (cached in docs/_build).
+docs: venv
+	$(BIN)/python -c "import sphinx, myst_nb, furo, jupytext, ipykernel" 2>/dev/null \
+		|| $(BIN)/pip install -q -e ".[docs]"
+	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
+
 reproduce: venv
 	$(BIN)/pyro-mpt reproduce all --out $(OUT)
 
