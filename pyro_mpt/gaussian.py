@@ -252,9 +252,12 @@ def full_rank_conditionals(
         cov_index = matrix_index[rows]
         if m <= size - m:
             if flat_precision is None:
-                flat_precision = torch.cholesky_inverse(scale_tril).reshape(-1, size, size)
-                precision_residual = torch.cholesky_solve(
-                    residual.expand(*batch, size).unsqueeze(-1), scale_tril
+                precision = torch.cholesky_inverse(scale_tril)
+                flat_precision = precision.reshape(-1, size, size)
+                # Row vector times the (symmetric) precision: with an unbatched covariance this is
+                # one matrix product, and the mask dimensions are only broadcast afterwards.
+                precision_residual = (
+                    (residual.unsqueeze(-2) @ precision).squeeze(-2).expand(*batch, size)
                 ).reshape(-1, size)
             block = flat_precision[cov_index[:, None, None], masked[:, :, None], masked[:, None, :]]
             block_cov = torch.cholesky_inverse(_cholesky(block))
