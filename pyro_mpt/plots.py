@@ -22,6 +22,7 @@ def plot_training_curves(
     optimum: float | None = None,
     ylabel: str = "exact log marginal likelihood per datum",
     title: str | None = None,
+    references: Mapping[str, float] | None = None,
 ) -> Path:
     """Plot the tracked value (e.g. exact LML per datum) against step for several objectives.
 
@@ -29,6 +30,7 @@ def plot_training_curves(
         histories: objective name -> :class:`~pyro_mpt.training.FitResult` with tracked values.
         path: where to write the PNG.
         optimum: a known optimum, drawn as a horizontal line.
+        references: further labelled horizontal lines (e.g. the true model's LML).
 
     Example:
         >>> from pyro_mpt.training import FitResult
@@ -45,6 +47,9 @@ def plot_training_curves(
         ax.plot(history.tracked_steps, history.tracked, label=name, lw=1.6)
     if optimum is not None:
         ax.axhline(optimum, color="k", ls="--", lw=1, label=f"closed-form optimum ({optimum:.3f})")
+    for index, (name, value) in enumerate((references or {}).items()):
+        style = [":", "-."][index % 2]
+        ax.axhline(value, color="0.5", ls=style, lw=1, label=f"{name} ({value:.3f})")
     values = [v for h in histories.values() for v in h.tracked]
     if optimum is not None and values:
         # Zoom on the approach to the optimum; the first steps are far below it.
@@ -139,7 +144,7 @@ def plot_convergence(
     masks: list[int],
     gaps: Mapping[str, list[float]],
     path: str | Path,
-    spread: Mapping[str, list[float]] | None = None,
+    per_seed: Mapping[str, list[list[float]]] | None = None,
     title: str | None = None,
 ) -> Path:
     r"""Log-log plot of an estimator's error against the number of masks, with a
@@ -149,7 +154,7 @@ def plot_convergence(
         masks: the x values (masks per size).
         gaps: name -> error at each x (e.g. mean over seeds of |LML - MPT| per datum).
         path: where to write the PNG.
-        spread: name -> half-width of an error band (e.g. the seeds' standard deviation).
+        per_seed: name -> one list of errors per seed, drawn as faint points behind the mean.
 
     Example:
         >>> import tempfile, os
@@ -162,10 +167,8 @@ def plot_convergence(
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for index, (name, values) in enumerate(gaps.items()):
         ax.plot(masks, values, marker="o", ms=3, color=f"C{index}", label=name)
-        if spread is not None and name in spread:
-            low = [max(v - s, 1e-12) for v, s in zip(values, spread[name], strict=True)]
-            high = [v + s for v, s in zip(values, spread[name], strict=True)]
-            ax.fill_between(masks, low, high, color=f"C{index}", alpha=0.15)
+        for seed_values in (per_seed or {}).get(name, []):
+            ax.scatter(masks, seed_values, s=6, color=f"C{index}", alpha=0.3, lw=0)
     first = next(iter(gaps.values()))
     guide = [first[0] * (masks[0] / m) ** 0.5 for m in masks]
     ax.plot(masks, guide, "k:", lw=1, label="∝ 1/sqrt(masks)")

@@ -8,6 +8,22 @@ them by name through :data:`EXPERIMENTS`.
 
 EXPERIMENTS = {
     # name -> (module, one-line description); modules are imported lazily by the CLI.
+    "convergence": (
+        "pyro_mpt.experiments.convergence",
+        "E1: |LML - cumulative MPT| per datum against masks per size, PPCA, D = 5 and 50",
+    ),
+    "area": (
+        "pyro_mpt.experiments.area",
+        "E2: S(x; m) against % masked for PPCA, D = 200; area vs exact LML",
+    ),
+    "training": (
+        "pyro_mpt.experiments.training",
+        "E3: PPCA W trained by cumulative vs fixed 20%/80% MPT; exact LML per epoch",
+    ),
+    "binary": (
+        "pyro_mpt.experiments.binary",
+        "E5: Bernoulli latent model on binarised digits, ELBO vs cumulative vs 15% MPT",
+    ),
     "mlm": (
         "pyro_mpt.experiments.mlm",
         "E4: masked LM trained from scratch vs untrained, MPT curve over masking rates",
