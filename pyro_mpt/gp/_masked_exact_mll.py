@@ -93,9 +93,16 @@ class MaskedExactMLL(ExactMarginalLogLikelihood):
         Returns:
             ``(mean, variance)`` of the broadcast shape of ``mask`` and ``target``, including the
             observation noise; unmasked positions hold the target and zero.
+
+        Example:
+            Leave-one-out predictive means and variances of all n observations at once::
+
+                loo = LeavePOutPseudoLikelihood(likelihood, model, rate=1 / n)
+                mean, var = loo.conditionals(model(x), y, torch.eye(n, dtype=torch.bool))
+                # mean[i, i], var[i, i]: the prediction of y[i] from every other observation
         """
-        output = self.likelihood(function_dist, *params, **kwargs)
-        if bool(torch.isnan(target).any()):
+        _check_function_dist(function_dist)
+        if isinstance(target, Tensor) and bool(torch.isnan(target).any()):
             raise ValueError("target contains NaN; conditionals needs complete observations")
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise TypeError("mask must be a boolean torch.Tensor (True = held out)")
@@ -104,6 +111,7 @@ class MaskedExactMLL(ExactMarginalLogLikelihood):
                 f"mask must end with the target's shape {tuple(target.shape)}, "
                 f"got {tuple(mask.shape)}"
             )
+        output = self.likelihood(function_dist, *params, **kwargs)
         observations = _observations(output, target)
         flat_mask = _flatten(output, mask)
         if not bool(flat_mask.any(-1).all()):
@@ -112,11 +120,17 @@ class MaskedExactMLL(ExactMarginalLogLikelihood):
         return _unflatten(output, mean), _unflatten(output, var)
 
     def forward(self, function_dist: MultivariateNormal, target: Tensor, *params, **kwargs):
-        if not isinstance(function_dist, MultivariateNormal):
-            raise TypeError(
-                "function_dist must be a gpytorch.distributions.MultivariateNormal (the output of "
-                f"an ExactGP), got {type(function_dist).__name__}"
-            )
+        r"""The objective given :math:`p(\mathbf f)` and :math:`\mathbf y`, divided by n.
+
+        Args:
+            function_dist: :math:`p(\mathbf f)`, the output of the exact GP on the training inputs.
+            target: :math:`\mathbf y`.
+            params, kwargs: passed on to the likelihood, as in ``ExactMarginalLogLikelihood``.
+
+        Returns:
+            One value per element of the GP's batch shape (a new draw of masks on every call).
+        """
+        _check_function_dist(function_dist)
         output = self.likelihood(function_dist, *params, **kwargs)
         observations = _observations(output, target)
         draw = self.draw_masks(
@@ -132,6 +146,14 @@ class MaskedExactMLL(ExactMarginalLogLikelihood):
         # Scale by the amount of data, as ExactMarginalLogLikelihood does.
         num_data = function_dist.event_shape.numel()
         return res.div_(num_data)
+
+
+def _check_function_dist(function_dist) -> None:
+    if not isinstance(function_dist, MultivariateNormal):
+        raise TypeError(
+            "function_dist must be a gpytorch.distributions.MultivariateNormal (the output of "
+            f"an ExactGP), got {type(function_dist).__name__}"
+        )
 
 
 def _conditionals(observations: Observations, mask: Tensor) -> tuple[Tensor, Tensor]:
