@@ -358,3 +358,15 @@ def test_rejects_bad_arguments():
         mll(model(x), y[:4])
     with pytest.raises(ValueError, match="at least one observation"):
         mll.conditionals(model(x), y, torch.zeros(5, dtype=torch.bool))
+
+
+def test_mask_weights_are_exact_in_the_requested_dtype():
+    # A float64 model needs float64 weights even under a float32 default dtype (Exhaustive's
+    # 1 / (C(n, m) m) is not a float32 number).
+    draw = Exhaustive().sample(10, dtype=torch.float64)
+    assert draw.weights.dtype == torch.float64
+    sizes = draw.masks.sum(-1)
+    expected = torch.tensor([1 / (math.comb(10, m) * m) for m in sizes.tolist()], dtype=DTYPE)
+    assert torch.equal(draw.weights, expected)
+    assert Exhaustive().sample(3).weights.dtype == torch.get_default_dtype()
+    assert isinstance(MaskedPretrainingMLL(*make_gp(5)[2:]), gpytorch.mlls.MarginalLogLikelihood)
