@@ -115,5 +115,5 @@ def test_binary_smoke(tmp_path):
     run(tmp_path, num_data=15, epochs=3, num_seeds=2, train_grid=9, eval_grid=21,
         track_every=1, progress=False)
     saved, markdown = read(tmp_path)
-    assert [len(row["final_lml_per_seed"]) for row in saved["rows"]] == [2, 2, 2]
+    assert [len(row["final_lml_per_seed"]) for row in saved["rows"]] == [2, 2, 2, 2]
     assert "| ELBO |" in markdown and (tmp_path / "training.png").exists()
