@@ -25,8 +25,10 @@ demo: venv
 lint: venv
 	$(BIN)/ruff check .
 
+# Two pytest workers with one thread each: more threads than cores makes torch's batched
+# factorisations spin (measured 10x slower).
 test: lint
-	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 bench: venv
 	$(BIN)/python -m benchmarks

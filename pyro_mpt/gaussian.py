@@ -185,10 +185,12 @@ def low_rank_conditionals(
     )
     chol = _cholesky(precision)
     projected = ((visible_precision * (value - loc)).unsqueeze(-2) @ cov_factor).mT
-    latent_mean = torch.cholesky_solve(projected, chol)
-    mean = loc + (cov_factor @ latent_mean).squeeze(-1)
-    latent_cov = torch.cholesky_inverse(chol)
-    var = cov_diag + (outer @ latent_cov.flatten(-2).unsqueeze(-1)).squeeze(-1)
+    latent_mean = torch.cholesky_solve(projected, chol).mT
+    latent_cov = torch.cholesky_inverse(chol).flatten(-2).unsqueeze(-2)
+    # Row vectors times (possibly unbatched) matrices: torch folds these into one matrix product
+    # instead of broadcasting W over every mask.
+    mean = loc + (latent_mean @ cov_factor.mT).squeeze(-2)
+    var = cov_diag + (latent_cov @ outer.mT).squeeze(-2)
     return mean, var
 
 
