@@ -34,6 +34,8 @@ import torch
 from ..masks import MaskSample, _check_rate, size_for_rate
 from ._masked_exact_mll import MaskedExactMLL
 
+__all__ = ["LeavePOutPseudoLikelihood", "fold_masks"]
+
 
 class LeavePOutPseudoLikelihood(MaskedExactMLL):
     r"""Leave-p-out cross-validation objective of an exact GP, p = round(rate n).

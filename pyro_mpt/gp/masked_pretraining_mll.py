@@ -29,6 +29,8 @@ import torch
 from ..masks import Cumulative, MaskSample, MaskScheme, _check_positive_int
 from ._masked_exact_mll import MaskedExactMLL
 
+__all__ = ["MaskedPretrainingMLL"]
+
 
 class MaskedPretrainingMLL(MaskedExactMLL):
     r"""The masked pre-training (cumulative cross-validation) objective of an exact GP.
