@@ -194,3 +194,31 @@ def generate_results() -> None:
 
 generate_api()
 generate_results()
+
+
+# -- Coverage check ------------------------------------------------------------------------------
+
+
+def check_api_coverage(app, exception) -> None:
+    """Warn (an error under ``-W``) for each public name missing from the built API pages."""
+    if exception is not None or app.builder.format != "html":
+        return
+    from sphinx.util import logging
+
+    logger = logging.getLogger(__name__)
+    pages = Path(app.outdir) / "generated" / "api"
+    html = "\n".join(page.read_text() for page in pages.glob("*.html"))
+    documented = 0
+    for module_name in public_modules():
+        module = importlib.import_module(module_name)
+        for name in public_names(module):
+            target = f"{home_module(getattr(module, name), module_name)}.{name}"
+            if f'id="{target}"' in html:
+                documented += 1
+            else:
+                logger.warning("public name %s has no entry in the API reference", target)
+    logger.info("API reference: %d public names documented", documented)
+
+
+def setup(app) -> None:
+    app.connect("build-finished", check_api_coverage)

@@ -239,7 +239,7 @@ fig.tight_layout()
 
 # %%
 subset = x[:300]  # a sixth of the images keeps this cell fast
-variances = noise * torch.logspace(-0.5, 0.5, 15, base=2)
+variances = noise * torch.logspace(-1.25, 0.5, 17, base=2)
 objectives = {
     "stratified MPT": (Stratified(), 1),
     "fixed 15% MPT": (FixedRate(0.15), 4),
