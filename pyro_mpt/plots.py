@@ -152,7 +152,7 @@ def plot_convergence(
 
     Args:
         masks: the x values (masks per size).
-        gaps: name -> error at each x (e.g. mean over seeds of |LML - MPT| per datum).
+        gaps: name -> error at each x (e.g. mean over seeds of ``|LML - MPT|`` per datum).
         path: where to write the PNG.
         per_seed: name -> one list of errors per seed, drawn as faint points behind the mean.
 

@@ -115,8 +115,8 @@ class MaskedPretrainingELBO(ELBO):
             site when they share one of these plates. Default: any plate they share.
         generator: ``torch.Generator`` for the masks (deterministic under a seed). Latent samples
             (guide and importance particles) use Pyro's global RNG (``pyro.set_rng_seed``).
-        max_plate_nesting, vectorize_particles, strict_enumeration_warning, ignore_jit_warnings,
-        retain_graph: as in :class:`~pyro.infer.ELBO`.
+        max_plate_nesting: as in :class:`~pyro.infer.ELBO`, and so are ``vectorize_particles``,
+            ``strict_enumeration_warning``, ``ignore_jit_warnings`` and ``retain_graph``.
 
     Example:
         >>> import pyro.distributions as dist
