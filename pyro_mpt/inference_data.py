@@ -134,7 +134,7 @@ def log_likelihood(
     return {name: torch.stack(value) for name, value in values.items()}
 
 
-def observed_values(model: Callable, samples: Mapping[str, torch.Tensor], *args, **kwargs):
+def _observed_values(model: Callable, samples: Mapping[str, torch.Tensor], *args, **kwargs):
     """Values of the observed sites (from one replay of the model)."""
     first = {name: value[:1] for name, value in samples.items()}
     trace = next(_traces(model, first, args, kwargs))
@@ -290,7 +290,7 @@ def from_pyro(
     pointwise = log_likelihood(model, samples, *model_args, **model_kwargs)
     if not pointwise:
         raise ValueError("the model has no observed sites: pass its data through model_args")
-    observed = observed_values(model, samples, *model_args, **model_kwargs)
+    observed = _observed_values(model, samples, *model_args, **model_kwargs)
     tree = from_dict(
         {
             "posterior": {name: by_chain(value) for name, value in samples.items()},

@@ -72,7 +72,7 @@ def run(out: Path, full: bool = False, seed: int = 0, **sizes) -> dict:
 
     Args:
         out: output folder.
-        full: all 1797 digits, 800 epochs, 3 seeds (default: 500 digits, 500 epochs, 2 seeds).
+        full: all 1797 digits, 800 epochs, 3 seeds (default: 400 digits, 400 epochs, 2 seeds).
         seed: first seed (data subset, initialisation, masks).
         **sizes: ``num_data``, ``epochs``, ``num_seeds``, ``lr`` (0.05), ``train_grid`` (41
             nodes per axis for the training conditionals), ``eval_grid`` (301, for the final
@@ -104,8 +104,8 @@ def _run(
     progress: bool = True,
 ) -> dict:
     all_data = load_binarized_digits(dtype=torch.float32)
-    num_data = (len(all_data) if full else 500) if num_data is None else num_data
-    epochs = (800 if full else 500) if epochs is None else epochs
+    num_data = (len(all_data) if full else 400) if num_data is None else num_data
+    epochs = (800 if full else 400) if epochs is None else epochs
     num_seeds = (3 if full else 2) if num_seeds is None else num_seeds
     if not 1 <= num_data <= len(all_data):
         raise ValueError(f"num_data must be in 1..{len(all_data)}, got {num_data!r}")
