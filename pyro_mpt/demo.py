@@ -84,7 +84,8 @@ def run_demo(
         >>> results = run_demo("/tmp/pyro-mpt-doctest", steps=5, progress=False)  # doctest: +SKIP
     """
     data = load_digits(dtype)
-    optimum = float(PCA(latent_dim).fit(data.double().numpy()).score(data.double().numpy()))
+    exact_data = load_digits(torch.float64).numpy()
+    optimum = float(PCA(latent_dim).fit(exact_data).score(exact_data))
     initial = PPCA(data.shape[1], latent_dim, generator=torch.Generator().manual_seed(seed)).to(
         dtype
     )

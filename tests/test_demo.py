@@ -16,7 +16,7 @@ def test_demo_reaches_the_closed_form_optimum(tmp_path, capsys):
 
     x = load_digits(torch.float64).numpy()
     optimum = PCA(10).fit(x).score(x)
-    assert results["closed_form_optimum_per_datum"] == pytest.approx(optimum, rel=1e-12)
+    assert results["closed_form_optimum_per_datum"] == pytest.approx(optimum, rel=1e-9)
     final = {row["objective"]: row["final_exact_lml_per_datum"] for row in results["objectives"]}
     # Exact-LML and cumulative-MPT training both reach within 1% of the optimum (never above it).
     for name in ("exact LML", "cumulative MPT"):
