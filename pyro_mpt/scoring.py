@@ -85,7 +85,7 @@ def stratified_estimate(
     Example:
         >>> est = stratified_estimate(torch.tensor([1.0, 3.0]), torch.tensor([0, 0]))
         >>> est.mean.item(), round(est.stderr.item(), 4)
-        (4.0, 2.8284)
+        (4.0, 2.0)
     """
     mean = contributions.sum(0)
     detached = contributions.detach()
