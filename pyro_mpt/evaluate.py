@@ -1,7 +1,9 @@
 r"""Comparison tables for fitted models: exact LML, MPT estimates and masked-prediction scores.
 
-For a model with a Gaussian marginal :math:`p(x)` and data :math:`X = (x_1..x_N)`, every column is
-reported **per datum** (averaged over rows):
+For a model with a Gaussian marginal :math:`p(x)` (exact conditionals from
+:mod:`pyro_mpt.gaussian`), or any model with its own ``log_marginal(x)`` and
+``conditional_log_prob(x, mask)`` (e.g. the Bernoulli latent model, by quadrature), and data
+:math:`X = (x_1..x_N)`, every column is reported **per datum** (averaged over rows):
 
 - ``exact_lml``: :math:`\frac1N\sum_n \log p(x_n)` (closed form);
 - ``mpt`` ± ``mpt_se``: the cumulative masked pre-training estimate of the same with its
@@ -18,14 +20,15 @@ single-rate scores are from it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import Any, NamedTuple
 
 import torch
 
 from .gaussian import event_size, masked_conditional_log_prob
 from .masks import FixedRate, MaskScheme, Stratified, size_for_rate
-from .scoring import mpt_score
+from .scoring import MPTEstimate, stratified_estimate
 
 __all__ = [
     "as_distribution",
@@ -53,16 +56,55 @@ def as_distribution(model: Any):
     if isinstance(model, torch.distributions.Distribution):
         return model
     raise TypeError(
-        "model must be a torch/pyro Gaussian distribution or have a .marginal() method returning "
-        f"one, got {type(model).__name__}"
+        "model must be a torch/pyro Gaussian distribution, have a .marginal() method returning "
+        "one, or have .log_marginal(x) and .conditional_log_prob(x, mask) methods; got "
+        f"{type(model).__name__}"
     )
 
 
-def pseudo_log_likelihood(dist, data: torch.Tensor) -> torch.Tensor:
+class _Scores(NamedTuple):
+    """How to score one model: exact log p(x) per row and masked conditionals per mask."""
+
+    exact: Callable[[torch.Tensor], torch.Tensor]
+    masked: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (S, *batch, D) masks
+    size: int | None
+
+
+def _scores(model: Any) -> _Scores:
+    if callable(getattr(model, "conditional_log_prob", None)) and callable(
+        getattr(model, "log_marginal", None)
+    ):
+        # Non-Gaussian models (e.g. BernoulliLatentModel): their own exact or quadrature scores.
+        def masked(data, masks):
+            return torch.stack([model.conditional_log_prob(data, mask) for mask in masks])
+
+        return _Scores(model.log_marginal, masked, getattr(model, "data_dim", None))
+    dist = as_distribution(model)
+    return _Scores(
+        dist.log_prob, partial(masked_conditional_log_prob, dist), event_size(dist)
+    )
+
+
+def _pseudo_log_likelihood(scores: _Scores, data: torch.Tensor) -> torch.Tensor:
+    size = data.shape[-1]
+    masks = torch.eye(size, dtype=torch.bool).reshape(size, *[1] * (data.dim() - 1), size)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, data.numel()))
+    total = torch.zeros(data.shape[:-1], dtype=data.dtype)
+    for start in range(0, size, chunk):
+        total = total + scores.masked(data, masks[start : start + chunk]).sum((0, -1))
+    return total
+
+
+def pseudo_log_likelihood(model: Any, data: torch.Tensor) -> torch.Tensor:
     r"""Exact leave-one-out score :math:`\sum_j \log p(x_{j} \mid x_{-j})` for every row.
 
     This is :math:`D\,S(x; 1)`, the first point of the masked-prediction curve, computed with
     all D single-dimension masks (no Monte-Carlo error).
+
+    Args:
+        model: a Gaussian distribution, a model with ``.marginal()``, or a model with
+            ``.log_marginal(x)`` and ``.conditional_log_prob(x, mask)``.
+        data: ``(..., D)`` rows.
 
     Example:
         >>> from torch.distributions import MultivariateNormal, Normal
@@ -71,16 +113,29 @@ def pseudo_log_likelihood(dist, data: torch.Tensor) -> torch.Tensor:
         >>> torch.allclose(pseudo_log_likelihood(d, x), Normal(0.0, 1.0).log_prob(x).sum(-1))
         True
     """
-    size = event_size(dist)
-    if not isinstance(data, torch.Tensor) or data.dim() < 1 or data.shape[-1] != size:
-        raise ValueError(f"data must be a tensor with trailing dimension D={size}")
-    masks = torch.eye(size, dtype=torch.bool).reshape(size, *[1] * (data.dim() - 1), size)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, data.numel()))
-    total = torch.zeros(data.shape[:-1], dtype=data.dtype)
-    for start in range(0, size, chunk):
-        log_prob = masked_conditional_log_prob(dist, data, masks[start : start + chunk])
-        total = total + log_prob.sum((0, -1))
-    return total
+    scores = _scores(model)
+    _check_data(data, scores.size, dims=None)
+    return _pseudo_log_likelihood(scores, data)
+
+
+def _check_data(data, size: int | None, dims: int | None = 2) -> None:
+    if (
+        not isinstance(data, torch.Tensor)
+        or data.dim() < 1
+        or (dims is not None and data.dim() != dims)
+        or (size is not None and data.shape[-1] != size)
+    ):
+        shape = getattr(data, "shape", type(data).__name__)
+        expected = "(N, D)" if dims == 2 else "(..., D)"
+        raise ValueError(f"data must be an {expected} tensor with D={size}, got {shape}")
+
+
+def _estimate(scores, data, scheme: MaskScheme, num_masks: int, generator) -> MPTEstimate:
+    """Per-datum estimate of the scheme's target and its standard error."""
+    draw = scheme.sample(data.shape[-1], data.shape[:-1], num_masks, generator, dtype=data.dtype)
+    log_prob = scores.masked(data, draw.masks)
+    contributions = (draw.weights * log_prob.sum(-1)).mean(-1)
+    return stratified_estimate(contributions, draw.strata, draw.exact)
 
 
 def rate_key(rate: float) -> str:
@@ -104,8 +159,10 @@ def evaluate_model(
     r"""Per-datum exact LML, MPT estimate ± s.e., pseudo-likelihood and fixed-rate scores.
 
     Args:
-        model: a Gaussian distribution, or a model with ``.marginal()`` returning one (e.g.
-            :class:`~pyro_mpt.models.PPCA`).
+        model: a Gaussian distribution, a model with ``.marginal()`` returning one (e.g.
+            :class:`~pyro_mpt.models.PPCA`), or a model with ``.log_marginal(x)`` and
+            ``.conditional_log_prob(x, mask)`` (e.g. :class:`~pyro_mpt.models.BernoulliLatentModel`,
+            by quadrature).
         data: ``(N, D)`` rows.
         rates: fixed masking rates to score.
         masks: scheme for the LML estimate (default ``Stratified(2)``, two masks of every size
@@ -127,23 +184,19 @@ def evaluate_model(
     for rate in rates:
         if not (isinstance(rate, (int, float)) and 0.0 < rate <= 1.0):
             raise ValueError(f"rates must be numbers in (0, 1], got {rate!r}")
-    dist = as_distribution(model)
-    size = event_size(dist)
-    if not isinstance(data, torch.Tensor) or data.dim() != 2 or data.shape[-1] != size:
-        shape = getattr(data, "shape", type(data).__name__)
-        raise ValueError(f"data must be an (N, D={size}) tensor, got {shape}")
+    scores = _scores(model)
+    _check_data(data, scores.size)
+    size = data.shape[-1]
     masks = Stratified(2) if masks is None else masks
     with torch.no_grad():
         row: dict[str, float] = {"N": len(data), "D": size}
-        row["exact_lml"] = dist.log_prob(data).mean().item()
-        estimate = mpt_score(dist, data, masks, num_masks, generator, reduction="mean")
+        row["exact_lml"] = scores.exact(data).mean().item()
+        estimate = _estimate(scores, data, masks, num_masks, generator)
         row["mpt"], row["mpt_se"] = estimate.mean.item(), estimate.stderr.item()
-        row["pseudo_ll"] = pseudo_log_likelihood(dist, data).mean().item()
+        row["pseudo_ll"] = _pseudo_log_likelihood(scores, data).mean().item()
         for rate in rates:
             # At least two draws so that the standard error exists.
-            fixed = mpt_score(
-                dist, data, FixedRate(rate), max(2, num_masks), generator, reduction="mean"
-            )
+            fixed = _estimate(scores, data, FixedRate(rate), max(2, num_masks), generator)
             row[rate_key(rate)] = fixed.mean.item()
             row[rate_key(rate) + "_se"] = fixed.stderr.item()
             row[rate_key(rate) + "_m"] = size_for_rate(rate, size)

@@ -12,7 +12,7 @@ from pyro_mpt.evaluate import (
     rate_key,
 )
 from pyro_mpt.masks import Exhaustive
-from pyro_mpt.models import PPCA
+from pyro_mpt.models import PPCA, BernoulliLatentModel
 
 
 def brute_force_loo(covariance, x):
@@ -101,3 +101,24 @@ def test_bad_input(gaussian):
         compare_models({}, x)
     with pytest.raises(ValueError, match="rows"):
         format_table([])
+
+
+def test_non_gaussian_model_by_its_own_conditionals():
+    model = BernoulliLatentModel(4, generator=torch.Generator().manual_seed(0)).double()
+    with torch.no_grad():
+        model.weight = 2 * model.weight + 1.0
+    x = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]],
+                     dtype=torch.float64)
+    row = evaluate_model(model, x, rates=(0.25,), masks=Exhaustive(), num_masks=1)
+    exact = model.log_marginal(x).mean().item()
+    assert row["exact_lml"] == pytest.approx(exact, abs=1e-12)
+    assert row["mpt"] == pytest.approx(exact, abs=1e-8)
+    # Independent leave-one-out: p(x_j | x_-j) = p(x) / sum over both values of x_j.
+    loo = torch.zeros(len(x), dtype=torch.float64)
+    for j in range(4):
+        flipped = x.clone()
+        flipped[:, j] = 1 - flipped[:, j]
+        both = torch.stack([model.log_marginal(x), model.log_marginal(flipped)])
+        loo += model.log_marginal(x) - both.logsumexp(0)
+    assert row["pseudo_ll"] == pytest.approx(loo.mean().item(), abs=1e-8)
+    torch.testing.assert_close(pseudo_log_likelihood(model, x), loo, rtol=0, atol=1e-8)
