@@ -1,4 +1,4 @@
-"""Bayesian linear regression: collapsed and latent-weight forms against the closed-form evidence."""
+"""Bayesian linear regression: collapsed and latent-weight forms against the exact evidence."""
 
 from __future__ import annotations
 
@@ -14,6 +14,15 @@ from pyro_mpt.masks import Exhaustive
 from pyro_mpt.models import BayesianLinearRegression, fit, no_guide
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one intra-op thread per test worker avoids oversubscribing the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def data():
     generator = torch.Generator().manual_seed(0)
@@ -23,7 +32,8 @@ def data():
 
 
 def _model(collapsed=True):
-    return BayesianLinearRegression(3, prior_scale=0.8, noise_scale=0.4, collapsed=collapsed).double()
+    model = BayesianLinearRegression(3, prior_scale=0.8, noise_scale=0.4, collapsed=collapsed)
+    return model.double()
 
 
 def test_log_marginal_is_the_gaussian_evidence(data):

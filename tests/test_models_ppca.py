@@ -17,6 +17,15 @@ from pyro_mpt.masks import Exhaustive
 from pyro_mpt.models import PPCA, FactorAnalysis, no_guide
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one intra-op thread per test worker avoids oversubscribing the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
@@ -109,7 +118,6 @@ def test_bad_arguments(kwargs, match):
 
 @pytest.mark.slow
 def test_svi_with_mpt_reaches_the_closed_form_optimum_on_digits():
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     x = load_digits()
     optimum = PCA(10).fit(x.double().numpy()).score(x.double().numpy())
     model = PPCA(64, 10, generator=_gen(0))
