@@ -38,7 +38,7 @@ bench: venv
 docs: venv
 	$(BIN)/python -c "import sphinx, myst_nb, furo, jupytext, ipykernel" 2>/dev/null \
 		|| $(BIN)/pip install -q -e ".[docs]"
-	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
+	$(BIN)/sphinx-build -E -W --keep-going -b html docs docs/_build/html
 
 reproduce: venv
 	$(BIN)/pyro-mpt reproduce all --out $(OUT)

@@ -97,7 +97,8 @@ def log_likelihood(
         model: a Pyro model whose observations are given through ``obs=`` (via its arguments).
         samples: posterior draws, site name -> tensor with a leading draw dimension ``S`` (e.g.
             ``MCMC.get_samples()`` or :func:`guide_samples`); every latent site must be present.
-        *args, **kwargs: the model's arguments (the same data it was fitted to).
+        *args: the model's arguments (the same data it was fitted to).
+        **kwargs: the model's keyword arguments.
         observed: the observed sites to keep (default: all).
 
     Returns:

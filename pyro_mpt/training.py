@@ -120,7 +120,8 @@ def fit_svi(
     Args:
         model, guide: the Pyro model and guide.
         elbo: a ``pyro.infer.ELBO`` (``Trace_ELBO``, ``MaskedPretrainingELBO``, ...).
-        *args, **kwargs: passed to the model and guide.
+        *args: passed to the model and guide.
+        **kwargs: passed to the model and guide.
         loss_scale: multiplies the loss (e.g. ``1 / N`` to record losses per datum).
         batches: optional callable returning ``(args, kwargs)`` for each step (mini-batches);
             overrides ``args`` and ``kwargs``.
