@@ -175,12 +175,16 @@ def generate_api() -> None:
 def generate_results() -> None:
     GENERATED.mkdir(parents=True, exist_ok=True)
     tables = sorted((DOCS / "results").glob("*.md"))
-    lines = ["# Reproduced experiments", ""]
+    lines = [
+        "# Reproduced experiments",
+        "",
+        "The paper's experiments (Moreno-Muñoz, Recasens & Hauberg, NeurIPS 2023), reproduced by "
+        "`pyro-mpt reproduce NAME` (`make reproduce` runs them all). Each section below is the "
+        "`results.md` an experiment wrote, as committed to `docs/results/`.",
+        "",
+    ]
     if not tables:
-        lines.append(
-            "No result tables yet: `make reproduce` (``pyro-mpt reproduce all``) writes them to "
-            "`docs/results/`."
-        )
+        lines.append("No result tables have been committed to `docs/results/` yet.")
     for table in tables:
         first = next((line for line in table.read_text().splitlines() if line.strip()), "")
         if not first.startswith("#"):
