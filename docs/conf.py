@@ -14,6 +14,7 @@ the ``docs/tutorials`` symlink and executes them while building, so their figure
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import pkgutil
@@ -80,14 +81,15 @@ html_static_path: list[str] = []
 # -- API reference -------------------------------------------------------------------------------
 
 
-def public_modules(package_name: str = "pyro_mpt") -> list[str]:
+@functools.cache
+def public_modules(package_name: str = "pyro_mpt") -> tuple[str, ...]:
     """Every importable module of the package whose dotted path has no private component."""
     package = importlib.import_module(package_name)
     names = [package_name]
     for info in pkgutil.walk_packages(package.__path__, package_name + "."):
         if not any(part.startswith("_") for part in info.name.split(".")):
             names.append(info.name)
-    return sorted(names)
+    return tuple(sorted(names))
 
 
 def public_names(module) -> list[str]:
@@ -104,16 +106,29 @@ def public_names(module) -> list[str]:
 
 
 def home_module(obj, exporting_module: str) -> str:
-    """The public module a name is documented in: where it is defined, minus private parts.
+    """The one public module a name is documented in; every other module exporting it links there.
 
-    A class defined in ``pyro_mpt.gp._masked_pretraining_mll`` and exported by ``pyro_mpt.gp`` is
-    documented once, under ``pyro_mpt.gp``; other modules re-exporting it only link to it.
+    That is the shallowest subpackage on the path to where the object is defined that exports it
+    in its ``__all__`` (the import path users see: ``pyro_mpt.gp.MaskedPretrainingMLL``, not
+    ``pyro_mpt.gp.masked_pretraining_mll.MaskedPretrainingMLL``), else the defining module with
+    its private parts dropped. Data (constants) live where they are exported.
     """
     defined_in = getattr(obj, "__module__", None)
     if not (inspect.isclass(obj) or inspect.isfunction(obj)) or not defined_in:
         return exporting_module
     if not defined_in.startswith("pyro_mpt"):
         return exporting_module
+    name = obj.__name__
+    for module_name in sorted(public_modules(), key=len):
+        if module_name.count(".") < 1:
+            continue  # the top-level package would swallow everything it re-exports
+        if not (defined_in == module_name or defined_in.startswith(module_name + ".")):
+            continue
+        if f"{module_name}.{name}" in public_modules():
+            continue  # a function named like its submodule: the module's page keeps the name
+        module = importlib.import_module(module_name)
+        if name in public_names(module) and getattr(module, name, None) is obj:
+            return module_name
     parts = defined_in.split(".")
     while any(part.startswith("_") for part in parts):
         parts.pop()
