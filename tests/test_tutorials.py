@@ -20,7 +20,7 @@ TIMEOUT_S = 240
 
 
 def test_tutorials_exist():
-    assert len(TUTORIALS) >= 1
+    assert len(TUTORIALS) >= 5, [path.name for path in TUTORIALS]
 
 
 @pytest.mark.slow
