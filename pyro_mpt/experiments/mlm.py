@@ -19,8 +19,8 @@ small scale and offline:
    ``[MASK]``, as in scoring) and the loss is the mean cross-entropy of the hidden tokens, so
    every mask size counts equally (the per-token cumulative score). AdamW 1e-3 with warm-up and
    cosine decay, batch 32, 2500 steps (5000 with ``full``). Such a small model first learns the
-   unigram frequencies (a flat curve near the unigram entropy) and only then the use of context;
-   with dropout, or 1500 steps, it was still on that plateau.
+   unigram frequencies (a flat curve near the unigram entropy) and only then the use of context:
+   a first attempt (V = 2000, 2 heads, dropout 0.1, 1500 steps) was still on that plateau.
 4. :func:`pyro_mpt.mlm.mlm_curve` and :func:`pyro_mpt.mlm.mlm_score` of the trained model and of
    the same architecture untrained (seeded, ``initializer_range=0.02``, so its logits are nearly
    constant and it scores about :math:`-\ln V` per token) on the held-out texts.
@@ -324,7 +324,7 @@ def _markdown(results: dict) -> str:
         f"average), {s['masks_per_rate']} masks per rate and text. Seed {results['seed']}; "
         f"training took {results['train_seconds']:.0f} s, the whole run "
         f"{results['total_seconds']:.0f} s wall ({results['cpu_seconds']:.0f} s of CPU time) on "
-        f"{results['threads']} CPU threads.",
+        f"{results['threads']} CPU thread(s).",
         "",
         "S(x; m) in nats per masked token (mean over texts ± Monte-Carlo standard error):",
         "",
