@@ -33,10 +33,11 @@ test: lint
 bench: venv
 	$(BIN)/python -m benchmarks
 
-# The docs extra (sphinx, myst-nb, furo, jupytext, ipykernel) is installed on first use only, so
+# The docs extra (sphinx, myst-nb, furo, jupytext, ipykernel, MathJax) is installed on first use, so
 # that `make test` never needs it. Tutorials are executed during the build (cached in docs/_build).
 docs: venv
-	$(BIN)/python -c "import sphinx, myst_nb, furo, jupytext, ipykernel" 2>/dev/null \
+	$(BIN)/python -c "import sphinx, myst_nb, furo, jupytext, ipykernel; \
+		__import__('sphinx-mathjax-offline')" 2>/dev/null \
 		|| $(BIN)/pip install -q -e ".[docs]"
 	$(BIN)/sphinx-build -E -W --keep-going -b html docs docs/_build/html
 

@@ -37,6 +37,8 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "myst_nb",
+    # MathJax shipped with the docs, so the pages render equations without a network connection.
+    "sphinx-mathjax-offline",
 ]
 
 # Tutorials are Python scripts in jupytext's percent format; myst-nb reads them as notebooks.
