@@ -103,7 +103,12 @@ def masked_conditional_normal(dist, value: torch.Tensor, mask: torch.Tensor):
     _check_value_and_mask(value, mask, size, dist.batch_shape)
     if isinstance(dist, LowRankMultivariateNormal):
         mean, var = low_rank_conditionals(
-            dist.loc, value, mask, cov_factor=dist.cov_factor, cov_diag=dist.cov_diag
+            dist.loc,
+            value,
+            mask,
+            # The unbroadcast factors: a plate's expand() must not multiply the work per row.
+            cov_factor=dist._unbroadcasted_cov_factor,
+            cov_diag=dist._unbroadcasted_cov_diag,
         )
     elif isinstance(dist, MultivariateNormal):
         mean, var = full_rank_conditionals(

@@ -70,7 +70,6 @@ from pyro.infer.elbo import ELBO
 from pyro.infer.util import MultiFrameTensor, get_plate_stacks, is_validation_enabled, torch_item
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match, check_site_shape, warn_if_nan
-from torch.distributions import LowRankMultivariateNormal, MultivariateNormal
 
 from ..gaussian import masked_conditional_log_prob
 from ..masks import Cumulative, MaskSample, MaskScheme
@@ -236,7 +235,7 @@ class MaskedPretrainingELBO(ELBO):
         if is_collapsed_gaussian(fn):
             batch_shape = torch.broadcast_shapes(value.shape[:-1], fn.batch_shape)
             draw = self._draw(value.shape[-1], batch_shape, value.dtype)
-            conditionals = masked_conditional_log_prob(_compact_gaussian(fn), value, draw.masks)
+            conditionals = masked_conditional_log_prob(fn, value, draw.masks)
             return masked_estimate(conditionals, draw)
         if not is_factorised(fn):
             raise TypeError(
@@ -520,34 +519,6 @@ def _unmasked_fn(site):
     while isinstance(fn, MaskedDistribution):
         fn = fn.base_dist
     return fn
-
-
-def _unexpand(tensor: torch.Tensor) -> torch.Tensor:
-    """Undo ``expand``: dimensions of stride 0 shrink to size 1, leading ones are dropped."""
-    for dim, (size, stride) in enumerate(zip(tensor.shape, tensor.stride(), strict=True)):
-        if stride == 0 and size > 1:
-            tensor = tensor.narrow(dim, 0, 1)
-    while tensor.dim() > 1 and tensor.shape[0] == 1:
-        tensor = tensor[0]
-    return tensor
-
-
-def _compact_gaussian(fn):
-    """The same Gaussian without the copies a plate's ``expand`` made of its parameters.
-
-    A plate expands the distribution to the batch of rows; the conditioning core would otherwise
-    factorise one identical covariance per row instead of one in all.
-    """
-    if isinstance(fn, LowRankMultivariateNormal):
-        return LowRankMultivariateNormal(
-            _unexpand(fn.loc),
-            fn._unbroadcasted_cov_factor,
-            fn._unbroadcasted_cov_diag,
-            validate_args=False,
-        )
-    return MultivariateNormal(
-        _unexpand(fn.loc), scale_tril=fn._unbroadcasted_scale_tril, validate_args=False
-    )
 
 
 def _row_mask(site):
