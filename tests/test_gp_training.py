@@ -64,17 +64,8 @@ def hyperparameters(model) -> dict[str, list[float]]:
     }
 
 
-@pytest.fixture
-def one_thread():
-    # n = 442 is too small for two threads to pay off; under pytest-xdist they oversubscribe.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_diabetes_masked_pretraining_reaches_exact_mll_optimum(one_thread):
+def test_diabetes_masked_pretraining_reaches_exact_mll_optimum():
     x, y = diabetes(torch.float32)
     exact_mll, exact_model = train("exact", x, y)
     mpt_mll, mpt_model = train("mpt", x, y)

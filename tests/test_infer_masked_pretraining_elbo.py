@@ -15,15 +15,6 @@ from pyro.infer.autoguide import AutoNormal
 from pyro_mpt.infer import MaskedPretrainingELBO
 from pyro_mpt.masks import Cumulative, Exhaustive, FixedRate, Stratified
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread per test worker avoids oversubscribing the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 D, K = 5, 2
 
 

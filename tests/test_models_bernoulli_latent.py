@@ -15,15 +15,6 @@ from pyro_mpt.masks import Cumulative
 from pyro_mpt.models import BernoulliLatentGuide, BernoulliLatentModel, fit, no_guide
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread per test worker avoids oversubscribing the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 

@@ -12,15 +12,6 @@ from pyro_mpt.models import PPCA, BernoulliLatentGuide, BernoulliLatentModel, fi
 from pyro_mpt.training import fit_svi
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread per test worker avoids oversubscribing the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def x():
     data, _ = synthetic_ppca(200, 6, 2, generator=torch.Generator().manual_seed(0))

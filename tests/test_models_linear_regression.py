@@ -14,15 +14,6 @@ from pyro_mpt.masks import Exhaustive
 from pyro_mpt.models import BayesianLinearRegression, fit, no_guide
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread per test worker avoids oversubscribing the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def data():
     generator = torch.Generator().manual_seed(0)

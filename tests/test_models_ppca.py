@@ -17,15 +17,6 @@ from pyro_mpt.masks import Exhaustive
 from pyro_mpt.models import PPCA, FactorAnalysis, no_guide
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread per test worker avoids oversubscribing the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
