@@ -31,7 +31,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(names: list[str]) -> None:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # One intra-op thread: on a 2-core machine with anything else running, two threads make
+    # torch's small batched kernels spin and the ratios turn into noise.
+    torch.set_num_threads(1)
     available = sorted(
         m.name
         for m in pkgutil.iter_modules([str(Path(__file__).parent)])

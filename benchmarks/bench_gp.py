@@ -39,15 +39,6 @@ def _step(mll, model, x, y):
 
 
 def run() -> list[dict]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _run()
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run() -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(0)
     for n in SIZES:
