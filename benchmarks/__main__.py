@@ -49,8 +49,8 @@ def main(names: list[str]) -> None:
         (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
         sections.append(f"## {name}\n\n{table}\n")
     machine = (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}"
+        f"{platform.processor() or platform.machine()}, "
+        f"intra-op threads: {torch.get_num_threads()}, torch {torch.__version__}"
     )
     if not names:
         (RESULTS / "README.md").write_text(
