@@ -34,12 +34,13 @@ bench: venv
 	$(BIN)/python -m benchmarks
 
 # The docs extra (sphinx, myst-nb, furo, jupytext, ipykernel, MathJax) is installed on first use, so
-# that `make test` never needs it. Tutorials are executed during the build (cached in docs/_build).
+# that `make test` never needs it. Tutorials are executed during the build (cached in docs/_build),
+# single-threaded like the tests: their small batched kernels only slow down with more threads.
 docs: venv
 	$(BIN)/python -c "import sphinx, myst_nb, furo, jupytext, ipykernel; \
 		__import__('sphinx-mathjax-offline')" 2>/dev/null \
 		|| $(BIN)/pip install -q -e ".[docs]"
-	$(BIN)/sphinx-build -E -W --keep-going -b html docs docs/_build/html
+	OMP_NUM_THREADS=1 $(BIN)/sphinx-build -E -W --keep-going -b html docs docs/_build/html
 
 reproduce: venv
 	$(BIN)/pyro-mpt reproduce all --out $(OUT)
