@@ -1,3 +1,5 @@
+"""Fixtures for tests and doctests: one thread, fixed seeds, a clean Pyro param store."""
+
 import pyro
 import pytest
 import torch
