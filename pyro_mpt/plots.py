@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import matplotlib
+# Figures are built without pyplot, so saving a PNG neither needs a display nor changes the
+# backend or the figures of a user's session (e.g. a notebook).
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .scoring import MPTCurve  # noqa: E402
-from .training import FitResult  # noqa: E402
+from .scoring import MPTCurve
+from .training import FitResult
 
 __all__ = ["plot_training_curves", "plot_mpt_curve", "plot_convergence"]
 
@@ -42,7 +41,8 @@ def plot_training_curves(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for name, history in histories.items():
         ax.plot(history.tracked_steps, history.tracked, label=name, lw=1.6)
     if optimum is not None:
@@ -64,7 +64,6 @@ def plot_training_curves(
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -110,7 +109,8 @@ def plot_mpt_curve(
         raise ValueError("curves must contain at least one MPTCurve")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     lines = []
     for index, (name, curve) in enumerate(curves.items()):
         color = f"C{index}"
@@ -136,7 +136,6 @@ def plot_mpt_curve(
     ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -164,7 +163,8 @@ def plot_convergence(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.subplots()
     for index, (name, values) in enumerate(gaps.items()):
         ax.plot(masks, values, marker="o", ms=3, color=f"C{index}", label=name)
         for seed_values in (per_seed or {}).get(name, []):
@@ -182,5 +182,4 @@ def plot_convergence(
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

@@ -285,13 +285,11 @@ def _summary(curve: MLMCurve, score) -> dict:
 
 
 def _plot(path: Path, rates: list[float], results: dict, log_vocab: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     percent = [100 * rate for rate in rates]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
     for key, label, color in (("trained", "trained", "C0"), ("untrained", "untrained", "C3")):
         res = results[key]
         mean = torch.tensor(res["curve_mean"])
@@ -307,7 +305,6 @@ def _plot(path: Path, rates: list[float], results: dict, log_vocab: float) -> No
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    plt.close(fig)
 
 
 def _markdown(results: dict) -> str:
