@@ -7,7 +7,7 @@ import json
 import math
 import platform
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +71,16 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out: Path, results: dict, markdown: str) -> None:
-    """Write ``results.json`` and ``results.md`` into ``out`` (created if needed)."""
+def write_results(
+    out: Path, results: dict, timer: Timer, format_markdown: Callable[[dict], str]
+) -> dict:
+    """Stamp ``results`` with the wall time and environment, then write ``results.json`` and
+    ``results.md`` (rendered by ``format_markdown``) into ``out`` (created if needed)."""
+    results = {**results, "wall_time_s": timer.seconds, "environment": environment()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
-    (out / "results.md").write_text(markdown.rstrip() + "\n")
+    (out / "results.md").write_text(format_markdown(results).rstrip() + "\n")
+    return results
 
 
 def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..datasets import synthetic_ppca
 from ..plots import plot_mpt_curve
 from ..scoring import MPTCurve, mpt_curve
-from ._report import Timer, environment, markdown_table, single_threaded, write_results
+from ._report import Timer, markdown_table, single_threaded, write_results
 
 __all__ = ["run"]
 
@@ -140,11 +140,8 @@ def _run(
             for name, curve in curves.items()
         },
         "figures": ["curve.png"],
-        "wall_time_s": timer.seconds,
-        "environment": environment(),
     }
-    write_results(out, results, format_markdown(results))
-    return results
+    return write_results(out, results, timer, format_markdown)
 
 
 def format_markdown(results: dict) -> str:

@@ -39,7 +39,7 @@ from ..models import BernoulliLatentGuide, BernoulliLatentModel
 from ..models.fitting import fit as fit_model
 from ..plots import plot_training_curves
 from ..training import FitResult, fit
-from ._report import Timer, environment, markdown_table, single_threaded, write_results
+from ._report import Timer, markdown_table, single_threaded, write_results
 
 __all__ = ["run", "mpt_loss"]
 
@@ -198,11 +198,8 @@ def _run(
             for name, h in first_histories.items()
         },
         "figures": ["training.png"],
-        "wall_time_s": timer.seconds,
-        "environment": environment(),
     }
-    write_results(out, results, format_markdown(results))
-    return results
+    return write_results(out, results, timer, format_markdown)
 
 
 def format_markdown(results: dict) -> str:

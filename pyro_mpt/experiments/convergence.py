@@ -35,7 +35,6 @@ from ..plots import plot_convergence
 from ..scoring import mpt_score
 from ._report import (
     Timer,
-    environment,
     loglog_slope,
     markdown_table,
     single_threaded,
@@ -178,11 +177,8 @@ def _run(
         },
         "by_dim": by_dim,
         "figures": figures,
-        "wall_time_s": timer.seconds,
-        "environment": environment(),
     }
-    write_results(out, results, format_markdown(results))
-    return results
+    return write_results(out, results, timer, format_markdown)
 
 
 def format_markdown(results: dict) -> str:

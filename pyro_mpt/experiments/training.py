@@ -37,7 +37,7 @@ from ..models import PPCA
 from ..plots import plot_training_curves
 from ..scoring import mpt_score
 from ..training import fit
-from ._report import Timer, environment, markdown_table, single_threaded, write_results
+from ._report import Timer, markdown_table, single_threaded, write_results
 
 __all__ = ["run", "closed_form_loading"]
 
@@ -205,11 +205,8 @@ def _run(
         "evaluation_first_seed": evaluation,
         "per_seed": per_seed,
         "figures": ["training.png"],
-        "wall_time_s": timer.seconds,
-        "environment": environment(),
     }
-    write_results(out, results, format_markdown(results))
-    return results
+    return write_results(out, results, timer, format_markdown)
 
 
 def format_markdown(results: dict) -> str:
