@@ -17,6 +17,7 @@ __all__ = [
     "load_diabetes",
     "load_breast_cancer",
     "synthetic_ppca",
+    "synthetic_ppca_marginal",
 ]
 
 
@@ -106,3 +107,19 @@ def synthetic_ppca(
     latent = torch.randn(num_data, latent_dim, generator=generator, dtype=dtype)
     noise = torch.randn(num_data, data_dim, generator=generator, dtype=dtype)
     return latent @ cov_factor.T + noise / noise_precision**0.5, cov_factor
+
+
+def synthetic_ppca_marginal(
+    cov_factor: torch.Tensor, noise_precision: float = 5.0
+) -> torch.distributions.LowRankMultivariateNormal:
+    r"""The true marginal of :func:`synthetic_ppca` data: :math:`\mathcal{N}(0, WW^\top + I/\tau)`.
+
+    Example:
+        >>> x, W = synthetic_ppca(100, 5, 2, generator=torch.Generator().manual_seed(0))
+        >>> synthetic_ppca_marginal(W).log_prob(x).shape
+        torch.Size([100])
+    """
+    size = cov_factor.shape[-2]
+    return torch.distributions.LowRankMultivariateNormal(
+        cov_factor.new_zeros(size), cov_factor, cov_factor.new_full((size,), 1.0 / noise_precision)
+    )

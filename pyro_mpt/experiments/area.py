@@ -23,10 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch.distributions import LowRankMultivariateNormal
 from tqdm.auto import tqdm
 
-from ..datasets import synthetic_ppca
+from ..datasets import synthetic_ppca, synthetic_ppca_marginal
 from ..plots import plot_mpt_curve
 from ..scoring import MPTCurve, mpt_curve
 from ._report import Timer, markdown_table, single_threaded, write_results
@@ -98,11 +97,7 @@ def _run(
         data, cov_factor = synthetic_ppca(
             num_data, data_dim, latent_dim, NOISE_PRECISION, generator, dtype=torch.float64
         )
-        model = LowRankMultivariateNormal(
-            torch.zeros(data_dim, dtype=torch.float64),
-            cov_factor,
-            torch.full((data_dim,), 1.0 / NOISE_PRECISION, dtype=torch.float64),
-        )
+        model = synthetic_ppca_marginal(cov_factor, NOISE_PRECISION)
         with torch.no_grad():
             curve = mpt_curve(
                 model, data, masks_per_rate=masks_per_size, generator=generator, reduction="mean"

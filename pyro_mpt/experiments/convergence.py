@@ -26,10 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch.distributions import LowRankMultivariateNormal
 from tqdm.auto import tqdm
 
-from ..datasets import synthetic_ppca
+from ..datasets import synthetic_ppca, synthetic_ppca_marginal
 from ..masks import Cumulative, MaskScheme, Stratified
 from ..plots import plot_convergence
 from ..scoring import mpt_score
@@ -56,6 +55,7 @@ def replicate_estimates(
     The mean of the first P rows is the estimate with P times the masks.
 
     Example:
+        >>> from torch.distributions import LowRankMultivariateNormal
         >>> d = LowRankMultivariateNormal(torch.zeros(3), torch.ones(3, 1), torch.ones(3))
         >>> replicate_estimates(d, d.sample((4,)), Stratified(), 2, torch.Generator()).shape
         torch.Size([2, 4])
@@ -129,11 +129,7 @@ def _run(
         data, cov_factor = synthetic_ppca(
             num_data, dim, latent_dim, NOISE_PRECISION, generator, dtype=torch.float64
         )
-        true_model = LowRankMultivariateNormal(
-            torch.zeros(dim, dtype=torch.float64),
-            cov_factor,
-            torch.full((dim,), 1.0 / NOISE_PRECISION, dtype=torch.float64),
-        )
+        true_model = synthetic_ppca_marginal(cov_factor, NOISE_PRECISION)
         lml = true_model.log_prob(data).mean()
         for name, (scheme, num_masks) in _schemes(dim, full).items():
             estimates = replicate_estimates(
