@@ -27,8 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .gaussian import event_size, masked_conditional_log_prob
-from .masks import FixedRate, MaskScheme, Stratified, size_for_rate
-from .scoring import MPTEstimate, stratified_estimate
+from .masks import FixedRate, MaskScheme, MPTEstimate, Stratified, size_for_rate
 
 __all__ = [
     "as_distribution",
@@ -87,9 +86,10 @@ def _scores(model: Any) -> _Scores:
 
 def _pseudo_log_likelihood(scores: _Scores, data: torch.Tensor) -> torch.Tensor:
     size = data.shape[-1]
-    masks = torch.eye(size, dtype=torch.bool).reshape(size, *[1] * (data.dim() - 1), size)
+    masks = torch.eye(size, dtype=torch.bool, device=data.device)
+    masks = masks.reshape(size, *[1] * (data.dim() - 1), size)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, data.numel()))
-    total = torch.zeros(data.shape[:-1], dtype=data.dtype)
+    total = torch.zeros(data.shape[:-1], dtype=data.dtype, device=data.device)
     for start in range(0, size, chunk):
         total = total + scores.masked(data, masks[start : start + chunk]).sum((0, -1))
     return total
@@ -132,10 +132,10 @@ def _check_data(data, size: int | None, dims: int | None = 2) -> None:
 
 def _estimate(scores, data, scheme: MaskScheme, num_masks: int, generator) -> MPTEstimate:
     """Per-datum estimate of the scheme's target and its standard error."""
-    draw = scheme.sample(data.shape[-1], data.shape[:-1], num_masks, generator, dtype=data.dtype)
-    log_prob = scores.masked(data, draw.masks)
-    contributions = (draw.weights * log_prob.sum(-1)).mean(-1)
-    return stratified_estimate(contributions, draw.strata, draw.exact)
+    draw = scheme.sample(
+        data.shape[-1], data.shape[:-1], num_masks, generator, data.dtype, data.device
+    )
+    return draw.estimate(scores.masked(data, draw.masks), reduction="mean")
 
 
 def rate_key(rate: float) -> str:

@@ -45,11 +45,12 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
 __all__ = [
+    "MPTEstimate",
     "MaskSample",
     "MaskScheme",
     "Cumulative",
@@ -58,9 +59,96 @@ __all__ = [
     "RateRange",
     "Exhaustive",
     "size_for_rate",
+    "stratified_estimate",
 ]
 
 EXHAUSTIVE_MAX_SIZE = 20
+
+Reduction = Literal["none", "mean", "sum"]
+
+
+class MPTEstimate(NamedTuple):
+    """A Monte-Carlo estimate, its standard error and the error's degrees of freedom.
+
+    Attributes:
+        mean: the estimate (differentiable where the inputs were).
+        stderr: its Monte-Carlo standard error (detached; zero for exact schemes, NaN where it
+            cannot be estimated: a single draw per stratum).
+        dof: degrees of freedom of ``stderr`` (``inf`` for exact schemes). Few masks give few
+            degrees of freedom: use :meth:`interval`, not ``mean ± 1.96 stderr``.
+
+    Example:
+        >>> est = MPTEstimate(torch.tensor(-3.0), torch.tensor(0.1), torch.tensor(1.0))
+        >>> [round(v.item(), 3) for v in est.interval(0.95)]  # Student-t with 1 dof: ± 12.7 s.e.
+        [-4.271, -1.729]
+    """
+
+    mean: torch.Tensor
+    stderr: torch.Tensor
+    dof: torch.Tensor | float = math.inf
+
+    def interval(self, level: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student-t confidence interval ``(low, high)`` at ``level`` (two-sided)."""
+        from scipy.stats import t  # local: scipy is only needed for intervals
+
+        if not (isinstance(level, float) and 0.0 < level < 1.0):
+            raise ValueError(f"level must be a float in (0, 1), got {level!r}")
+        dof = torch.as_tensor(self.dof, dtype=torch.float64).cpu().numpy()
+        quantile = torch.as_tensor(t.ppf(0.5 + level / 2, dof)).to(self.stderr)
+        half_width = quantile * self.stderr
+        return self.mean.detach() - half_width, self.mean.detach() + half_width
+
+
+def stratified_estimate(
+    contributions: torch.Tensor, strata: torch.Tensor, exact: bool = False
+) -> MPTEstimate:
+    r"""Sum of per-draw contributions over draws (dimension 0) and its stratified standard error.
+
+    Draws within a stratum are i.i.d., so :math:`\widehat{\mathrm{Var}} = \sum_h n_h s_h^2`
+    with :math:`s_h^2` the sample variance in stratum h, on :math:`\sum_h (n_h - 1)` degrees of
+    freedom. A stratum with a single draw has no variance estimate: the standard error is then
+    NaN and the degrees of freedom zero (unless ``exact``).
+
+    Example:
+        >>> est = stratified_estimate(torch.tensor([1.0, 3.0]), torch.tensor([0, 0]))
+        >>> est.mean.item(), round(est.stderr.item(), 4), est.dof.item()
+        (4.0, 2.0, 1.0)
+    """
+    mean = contributions.sum(0)
+    detached = contributions.detach()
+    if exact:
+        return MPTEstimate(mean, torch.zeros_like(detached[0]), math.inf)
+    strata = strata.to(detached.device)
+    counts = torch.bincount(strata).to(detached)
+    shape = (len(counts),) + detached.shape[1:]
+    counts = counts.reshape(-1, *[1] * (detached.dim() - 1))
+    zeros = torch.zeros(shape, dtype=detached.dtype, device=detached.device)
+    stratum_mean = zeros.index_add(0, strata, detached) / counts
+    squares = zeros.index_add(0, strata, (detached - stratum_mean[strata]).pow(2))
+    # n_h s_h^2 = n_h / (n_h - 1) * sum of squares; NaN where n_h = 1 (no variance estimate).
+    variance = torch.where(counts > 0, counts * squares / (counts - 1), zeros)
+    dof = (counts - 1).clamp(min=0).sum()
+    return MPTEstimate(mean, variance.sum(0).sqrt(), dof)
+
+
+def _reduce(tensor: torch.Tensor, reduction: Reduction, keep: int) -> torch.Tensor:
+    """Reduce all dimensions after the first ``keep`` ones."""
+    dims = tuple(range(keep, tensor.dim()))
+    if reduction == "none" or not dims:
+        return tensor
+    if reduction == "mean":
+        return tensor.mean(dims)
+    if reduction == "sum":
+        return tensor.sum(dims)
+    raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+
+
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__} "
+            f"({generator!r}); seed one with torch.Generator().manual_seed(seed)"
+        )
 
 
 class MaskSample(NamedTuple):
@@ -74,12 +162,73 @@ class MaskSample(NamedTuple):
         strata: long tensor of shape ``(num_masks,)`` naming the stratum of each draw; draws within
             a stratum are exchangeable, which is what the standard error needs.
         exact: ``True`` when the masks enumerate every term (no Monte-Carlo error).
+        shared: ``True`` when every row got the same masks (rows are then not independent).
     """
 
     masks: torch.Tensor
     weights: torch.Tensor
     strata: torch.Tensor
     exact: bool = False
+    shared: bool = False
+
+    def weighted_sums(self, log_prob: torch.Tensor, summed: bool = False) -> torch.Tensor:
+        r"""Per-draw contributions :math:`w_s \sum_{j \in M_s} \ell_{sj}`, shape ``(S, *batch)``.
+
+        Args:
+            log_prob: per-dimension (conditional) log-densities :math:`\ell`, broadcastable to
+                the masks' shape ``(S, *batch, D)``; entries at unmasked positions are ignored.
+            summed: ``log_prob`` already holds the masked sums :math:`\sum_{j \in M_s}
+                \ell_{sj}`, shape ``(S, *batch)`` (e.g. computed by a language model).
+
+        Their sum over draws (``.sum(0)``) is the scheme's estimate; :meth:`estimate` adds the
+        standard error. This is the one place the weighted masked sum is written.
+
+        Example:
+            >>> draw = Exhaustive().sample(2)
+            >>> draw.weighted_sums(torch.ones(3, 2)).sum(0)  # two dimensions of log-density 1
+            tensor(2.)
+        """
+        if not log_prob.is_floating_point():
+            raise TypeError(f"log_prob must be a floating tensor, got {log_prob.dtype}")
+        if summed:
+            masked_sum = log_prob
+        else:
+            masked_sum = torch.where(self.masks, log_prob, torch.zeros_like(log_prob)).sum(-1)
+        return self.weights.to(masked_sum) * masked_sum
+
+    def estimate(
+        self, log_prob: torch.Tensor, reduction: Reduction = "none", summed: bool = False
+    ) -> MPTEstimate:
+        r"""The scheme's estimate from per-dimension log-densities, with its standard error.
+
+        Args:
+            log_prob, summed: as in :meth:`weighted_sums`.
+            reduction: ``"none"`` (one estimate per row), ``"mean"`` or ``"sum"`` over rows. With
+                independent masks per row the rows' variances are pooled (many degrees of
+                freedom); with shared masks the rows are reduced first, then the draws compared.
+
+        Example:
+            >>> draw = Cumulative().sample(3, (100,), num_masks=2,
+            ...                            generator=torch.Generator().manual_seed(0))
+            >>> est = draw.estimate(torch.full((3,), -1.0), reduction="mean")
+            >>> round(est.mean.item(), 4), est.stderr.item(), est.dof.item()
+            (-3.0, 0.0, 100.0)
+        """
+        contributions = self.weighted_sums(log_prob, summed)
+        if contributions[0].numel() == 0:
+            raise ValueError("there are no rows to score (the batch shape has a zero dimension)")
+        if reduction == "none" or contributions.dim() == 1 or self.shared or self.exact:
+            reduced = _reduce(contributions, reduction, 1)
+            return stratified_estimate(reduced, self.strata, self.exact)
+        _reduce(contributions[:1], reduction, 1)  # validates ``reduction``
+        rows = stratified_estimate(contributions, self.strata)
+        count = contributions[0].numel() if reduction == "mean" else 1
+        variance = rows.stderr.pow(2)
+        mean = _reduce(rows.mean.unsqueeze(0), reduction, 1).squeeze(0)
+        stderr = variance.sum().sqrt() / count
+        # Welch-Satterthwaite: rows share the scheme, so their degrees of freedom are equal.
+        dof = variance.sum().pow(2) / (variance.pow(2).sum() / rows.dof)
+        return MPTEstimate(mean, stderr, torch.where(variance.sum() > 0, dof, rows.dof * count))
 
 
 def size_for_rate(rate: float, event_size: int) -> int:
@@ -122,8 +271,10 @@ def masks_of_sizes(
         tensor([1, 3])
     """
     # The first m entries of a uniformly random permutation form a uniform m-subset.
-    permutation = torch.rand(*sizes.shape, event_size, generator=generator).argsort(-1)
-    leading = torch.arange(event_size) < sizes.unsqueeze(-1)
+    device = sizes.device if generator is None else generator.device
+    noise = torch.rand(*sizes.shape, event_size, generator=generator, device=device)
+    permutation = noise.argsort(-1).to(sizes.device)
+    leading = torch.arange(event_size, device=sizes.device) < sizes.unsqueeze(-1)
     return torch.zeros_like(leading).scatter_(-1, permutation, leading)
 
 
@@ -145,6 +296,7 @@ class MaskScheme(ABC):
         num_masks: int = 1,
         generator: torch.Generator | None = None,
         dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> MaskSample:
         """Draw ``num_masks`` independent replicates of this scheme's basic draw.
 
@@ -157,12 +309,19 @@ class MaskScheme(ABC):
             dtype: floating dtype of the weights (default: ``torch.get_default_dtype()``); they
                 are computed in float64 and rounded once, so a float64 model gets exact weights
                 whatever the default dtype.
+            device: where the masks and weights are returned (default: the generator's device,
+                else the CPU). Masks are drawn on the generator's device, so a CPU generator gives
+                the same masks whatever ``device`` is.
 
         Returns:
             A :class:`MaskSample` with masks of shape ``(S, *batch_shape, D)``.
         """
         _check_positive_int("event_size", event_size)
         _check_positive_int("num_masks", num_masks)
+        _check_generator(generator)
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype of the weights must be a floating dtype, got {dtype!r}")
         batch_shape = torch.Size(batch_shape)
         row_shape = torch.Size() if self.shared else batch_shape
         masks, weights, strata = self._draw(event_size, row_shape, num_masks, generator)
@@ -172,10 +331,11 @@ class MaskScheme(ABC):
             weights = weights.reshape(len(weights), *ones)
         shape = masks.shape[:1] + batch_shape
         return MaskSample(
-            masks.expand(*shape, event_size),
-            (weights.expand(shape) / num_masks).to(dtype or torch.get_default_dtype()),
-            strata,
+            masks.to(device).expand(*shape, event_size),
+            (weights.expand(shape) / num_masks).to(device=device, dtype=dtype),
+            strata.to(device),
             self.exact,
+            self.shared,
         )
 
     exact = False

@@ -460,7 +460,7 @@ def mlm_score(
     draws = []
     for n, text in enumerate(encoded):
         size = len(text.positions)
-        draw = masks.sample(size, (), num_masks, generator)
+        draw = masks.sample(size, (), num_masks, generator, dtype=torch.float64)
         draws.append((slice(len(jobs), len(jobs) + len(draw.masks)), draw))
         jobs.extend(_Job(n, mask) for mask in draw.masks)
     pll_rows = []
@@ -470,7 +470,7 @@ def mlm_score(
         pll_rows.append(slice(start, len(jobs)))
     sums = _masked_sums(model, tokenizer, encoded, jobs, batch_size, progress, "MLM score")
     estimates = [
-        stratified_estimate(draw.weights.to(sums) * sums[rows], draw.strata, draw.exact)
+        draw.estimate(sums[rows], summed=True)
         for rows, draw in draws
     ]
     return MLMScore(

@@ -167,3 +167,73 @@ def test_bad_arguments(ppca50):
         mpt_score(
             LowRankMultivariateNormal(dist.loc.expand(3, 50), dist.cov_factor, dist.cov_diag), x
         )
+
+
+@pytest.mark.parametrize("data_dtype", [torch.long, torch.int32, torch.bool])
+def test_integer_and_boolean_data_are_promoted_like_log_prob(data_dtype):
+    """Weights used to be cast to the data's dtype and truncate to 0: every score was 0.0."""
+    dist = LowRankMultivariateNormal(torch.zeros(4), 0.5 * torch.ones(4, 1), torch.ones(4))
+    x = torch.randint(0, 2, (5, 4)).to(data_dtype)
+    exact = dist.log_prob(x.float())
+    est = mpt_score(dist, x, masks=Exhaustive())
+    assert est.mean.dtype == torch.float32
+    assert torch.allclose(est.mean, exact, atol=1e-5)
+    cumulative = mpt_score(dist, x, num_masks=4, generator=torch.Generator().manual_seed(0))
+    same_on_floats = mpt_score(dist, x.float(), num_masks=4,
+                               generator=torch.Generator().manual_seed(0))
+    assert torch.equal(cumulative.mean, same_on_floats.mean)
+
+
+def test_mismatched_floating_dtypes_name_the_argument():
+    dist = MultivariateNormal(torch.zeros(3), torch.eye(3))
+    with pytest.raises(TypeError, match="value has dtype torch.float64"):
+        mpt_score(dist, torch.zeros(2, 3, dtype=torch.float64))
+
+
+def test_empty_batch_is_an_error_not_nan():
+    dist = MultivariateNormal(torch.zeros(3), torch.eye(3))
+    with pytest.raises(ValueError, match="no rows"):
+        mpt_score(dist, torch.zeros(0, 3), reduction="mean")
+
+
+@pytest.mark.parametrize("generator", [0, 1.5, "seed"])
+def test_a_non_generator_is_named(generator):
+    dist = MultivariateNormal(torch.zeros(3), torch.eye(3))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        mpt_score(dist, torch.zeros(2, 3), generator=generator)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        mpt_curve(dist, torch.zeros(2, 3), generator=generator)
+
+
+def test_student_t_intervals_cover_with_few_masks(ppca50):
+    """±1.96 s.e. from 2 masks covers ~68%; the Student-t interval on the reported degrees of
+    freedom must cover at its nominal level (400 independent estimates of one row's LML)."""
+    dist, x = ppca50
+    rows = x[:1].expand(400, 50)
+    est = mpt_score(dist, rows, num_masks=2, generator=torch.Generator().manual_seed(5))
+    exact = dist.log_prob(x[0])
+    assert (est.dof == 1).all()
+    low, high = est.interval(0.95)
+    coverage = ((low <= exact) & (exact <= high)).double().mean()
+    normal_coverage = ((est.mean - exact).abs() <= 1.96 * est.stderr).double().mean()
+    assert coverage > 0.9, coverage
+    assert normal_coverage < 0.8, normal_coverage  # what the naive interval gave
+
+
+def test_mean_reduction_pools_rows_with_independent_masks(ppca50):
+    """Two masks per row: averaging rows before comparing draws left 1 degree of freedom;
+    pooling the rows' variances (Welch-Satterthwaite, conservative) gives many more, and the
+    standard error stays calibrated over repetitions."""
+    dist, x = ppca50
+    data = dist.sample((40,))
+    exact = dist.log_prob(data).mean()
+    g = torch.Generator().manual_seed(6)
+    estimates = [mpt_score(dist, data, num_masks=2, generator=g, reduction="mean")
+                 for _ in range(200)]
+    dofs = torch.stack([torch.as_tensor(e.dof) for e in estimates])
+    assert (dofs <= 40).all() and dofs.median() > 3, dofs
+    z = torch.stack([(e.mean - exact) / e.stderr for e in estimates])
+    assert 0.8 < z.std().item() < 1.25, z.std()
+    low_high = [e.interval(0.95) for e in estimates]
+    coverage = sum(bool(lo <= exact <= hi) for lo, hi in low_high) / len(low_high)
+    assert coverage > 0.88, coverage

@@ -59,12 +59,11 @@ def mpt_loss(
         >>> mpt_loss(model, x, Cumulative(), torch.Generator(), grid_size=11).shape
         torch.Size([])
     """
-    draw = masks.sample(data.shape[-1], data.shape[:-1], 1, generator, dtype=data.dtype)
-    estimate = sum(
-        weights * model.conditional_log_prob(data, mask, grid_size=grid_size).sum(-1)
-        for mask, weights in zip(draw.masks, draw.weights, strict=True)
+    draw = masks.sample(data.shape[-1], data.shape[:-1], 1, generator, data.dtype, data.device)
+    log_prob = torch.stack(
+        [model.conditional_log_prob(data, mask, grid_size=grid_size) for mask in draw.masks]
     )
-    return -estimate.mean()
+    return -draw.weighted_sums(log_prob).sum(0).mean()
 
 
 def run(out: Path, full: bool = False, seed: int = 0, **sizes) -> dict:

@@ -24,20 +24,18 @@ from gpytorch.mlls import ExactMarginalLogLikelihood
 from gpytorch.models import ExactGP
 from linear_operator.operators import MaskedLinearOperator
 from torch import Tensor
-from torch.distributions import Normal
 
-from ..gaussian import full_rank_conditionals
+from ..gaussian import full_rank_conditionals, normal_log_prob
 from ..masks import MaskSample
 
 __all__ = ["MaskedExactMLL", "Observations"]
 
 
 class Observations(NamedTuple):
-    """The targets as one flat Gaussian vector: ``value ~ N(loc, covariance)``, last dim D."""
+    """The targets as one flat Gaussian vector: ``value ~ N(loc, scale_tril scale_tril^T)``."""
 
     loc: Tensor
     value: Tensor
-    covariance: Tensor
     scale_tril: Tensor
 
     @property
@@ -116,8 +114,8 @@ class MaskedExactMLL(ExactMarginalLogLikelihood):
         flat_mask = _flatten(output, mask)
         if not bool(flat_mask.any(-1).all()):
             raise ValueError("mask must hold out at least one observation in every row")
-        mean, var = _conditionals(observations, flat_mask)
-        return _unflatten(output, mean), _unflatten(output, var)
+        deviation, var = _conditionals(observations, flat_mask)
+        return _unflatten(output, observations.value - deviation), _unflatten(output, var)
 
     def forward(self, function_dist: MultivariateNormal, target: Tensor, *params, **kwargs):
         r"""The objective given :math:`p(\mathbf f)` and :math:`\mathbf y`, divided by n.
@@ -137,10 +135,8 @@ class MaskedExactMLL(ExactMarginalLogLikelihood):
             observations.size, observations.batch_shape, observations.value.dtype
         )
         masks = draw.masks.to(observations.value.device)
-        mean, var = _conditionals(observations, masks)
-        log_prob = Normal(mean, torch.where(masks, var, 1.0).sqrt()).log_prob(observations.value)
-        masked_sum = torch.where(masks, log_prob, 0.0).sum(-1)
-        res = (draw.weights.to(masked_sum) * masked_sum).sum(0)
+        log_prob = normal_log_prob(*_conditionals(observations, masks), masks)
+        res = draw.weighted_sums(log_prob).sum(0)
         res = self._add_other_terms(res, params)
 
         # Scale by the amount of data, as ExactMarginalLogLikelihood does.
@@ -157,12 +153,13 @@ def _check_function_dist(function_dist) -> None:
 
 
 def _conditionals(observations: Observations, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Deviations from the conditional means, and conditional variances, of the masked targets.
+
+    Only the Cholesky factor enters: it is the (possibly jittered) covariance GPyTorch
+    factorised, so the masked objectives condition on the same matrix as its exact MLL.
+    """
     return full_rank_conditionals(
-        observations.loc,
-        observations.value,
-        mask,
-        covariance=observations.covariance,
-        scale_tril=observations.scale_tril,
+        observations.loc, observations.value, mask, scale_tril=observations.scale_tril
     )
 
 
@@ -198,7 +195,7 @@ def _observations(output: MultivariateNormal, target: Tensor) -> Observations:
         covariance = MaskedLinearOperator(covariance, observed, observed)
         value, loc = value[..., observed], loc[..., observed]
     scale_tril = covariance.cholesky(upper=False).to_dense()
-    return Observations(loc, value, covariance.to_dense(), scale_tril)
+    return Observations(loc, value, scale_tril)
 
 
 def _flatten(output: MultivariateNormal, tensor: Tensor) -> Tensor:

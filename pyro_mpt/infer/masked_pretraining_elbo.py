@@ -77,7 +77,6 @@ from .observed_view import masked_observations
 from .site_terms import (
     is_collapsed_gaussian,
     is_factorised,
-    masked_estimate,
     per_dimension_log_prob,
     snis_conditional_log_prob,
     targets_log_marginal,
@@ -236,7 +235,7 @@ class MaskedPretrainingELBO(ELBO):
             batch_shape = torch.broadcast_shapes(value.shape[:-1], fn.batch_shape)
             draw = self._draw(value.shape[-1], batch_shape, value.dtype)
             conditionals = masked_conditional_log_prob(fn, value, draw.masks)
-            return masked_estimate(conditionals, draw)
+            return draw.weighted_sums(conditionals).sum(0)
         if not is_factorised(fn):
             raise TypeError(
                 f"observed site '{name}' has an unsupported distribution {type(fn).__name__}; "
@@ -247,7 +246,7 @@ class MaskedPretrainingELBO(ELBO):
             return fn.log_prob(value)
         per_dim = per_dimension_log_prob(fn, value)
         draw = self._draw(per_dim.shape[-1], per_dim.shape[:-1], per_dim.dtype)
-        return masked_estimate(per_dim, draw)
+        return draw.weighted_sums(per_dim).sum(0)
 
     def _local_latent_term(
         self, name, site, local, all_local, model, guide, args, kwargs,
@@ -276,7 +275,7 @@ class MaskedPretrainingELBO(ELBO):
             log_lik = per_dimension_log_prob(_unmasked_fn(particles.nodes[name]), value)
             log_lik = _align(log_lik, (num,), batch_shape, size).unsqueeze(0)
             conditionals = snis_conditional_log_prob(log_lik, draw.masks)
-            return masked_estimate(conditionals, draw)
+            return draw.weighted_sums(conditionals).sum(0)
 
         num_draws = draw.masks.shape[0]
         pad = (1,) * (nesting - len(batch_shape))
@@ -324,7 +323,7 @@ class MaskedPretrainingELBO(ELBO):
         log_lik = per_dimension_log_prob(_unmasked_fn(particles.nodes[name]), value)
         log_lik = _align(log_lik, lead, batch_shape, size)
         conditionals = snis_conditional_log_prob(log_lik, draw.masks, log_weights)
-        return masked_estimate(conditionals, draw)
+        return draw.weighted_sums(conditionals).sum(0)
 
     # ------------------------------------------------------------------------------ estimators
     def _differentiable_loss_particle(self, model_trace, guide_trace, local):

@@ -15,7 +15,6 @@ Small pure functions on tensors and distributions, so that each can be tested on
   of the conditional of a masked dimension given the visible ones (consistent as
   :math:`K \to \infty`, bias :math:`O(1/K)`; with the prior as proposal
   :math:`w_k = p(x_R \mid z_k)`);
-* :func:`masked_estimate`: the weighted masked sum :math:`\sum_s w_s \sum_{j \in M_s} \ell_{sj}`.
 """
 
 from __future__ import annotations
@@ -28,14 +27,13 @@ from torch.distributions import (
     MultivariateNormal,
 )
 
-from ..masks import Cumulative, Exhaustive, MaskSample, MaskScheme, RateRange, Stratified
+from ..masks import Cumulative, Exhaustive, MaskScheme, RateRange, Stratified
 
 __all__ = [
     "is_collapsed_gaussian",
     "is_factorised",
     "per_dimension_log_prob",
     "snis_conditional_log_prob",
-    "masked_estimate",
     "targets_log_marginal",
 ]
 
@@ -117,18 +115,6 @@ def snis_conditional_log_prob(
     log_w = log_w.log_softmax(1)
     conditional = torch.logsumexp(log_w.unsqueeze(-1) + log_lik, dim=1)
     return torch.where(mask, conditional, torch.zeros_like(conditional))
-
-
-def masked_estimate(conditionals: torch.Tensor, draw: MaskSample) -> torch.Tensor:
-    r"""The scheme's estimate :math:`\sum_s w_s \sum_{j \in M_s} \ell_{sj}`, shape ``batch``.
-
-    Example:
-        >>> draw = Exhaustive().sample(2)
-        >>> masked_estimate(torch.ones(3, 2), draw)  # two dimensions of log-density 1 each
-        tensor(2.)
-    """
-    masked_sum = torch.where(draw.masks, conditionals, torch.zeros_like(conditionals)).sum(-1)
-    return (draw.weights.to(masked_sum) * masked_sum).sum(0)
 
 
 def targets_log_marginal(scheme: MaskScheme) -> bool:
