@@ -25,18 +25,25 @@ conditionals are computed per site:
 
 1. **Collapsed Gaussian sites** (``MultivariateNormal``, ``LowRankMultivariateNormal``): exact
    conditionals from one factorisation (:func:`pyro_mpt.gaussian.masked_conditional_log_prob`).
-2. **Sites with local latents** :math:`z_n` (latent sites sharing a plate with the observed site,
-   e.g. ``Bernoulli(logits=f(z_n)).to_event(1)``): the latents are integrated under their posterior
-   given the *visible* part,
+2. **Sites with local latents** :math:`z_n` (e.g. ``Bernoulli(logits=f(z_n)).to_event(1)``): a
+   latent is *local* to an observed site when it is not shared between that site's rows, i.e. it
+   sits in every plate, vectorized or sequential (same iteration), that indexes the rows;
+   ``local_plates=`` restricts which plates count. A latent missing from one of those plates (a
+   per-feature scale in a ``features`` plate observed through ``x`` in ``data`` x ``features``, a
+   weight outside the data plate) is *global*: the guide handles it as in Trace_ELBO. Local
+   latents are integrated under their posterior given the *visible* part,
    :math:`p(x_j \mid x_R) = \int p(x_j \mid z)\, p(z \mid x_R)\, dz`, by self-normalised importance
    sampling with :math:`K` particles (:func:`~pyro_mpt.infer.site_terms.snis_conditional_log_prob`),
    weights :math:`p(z_k)\, p(x_R \mid z_k) / q(z_k)`. The proposal is the prior
    (``proposal="prior"``, weights :math:`p(x_R \mid z_k)`) or the guide (``proposal="guide"``),
    which must read the observation through :func:`~pyro_mpt.infer.observed_view` so that it sees
-   only :math:`x_R`; the ELBO raises if a guide never asked. Local latent sites then contribute no
-   :math:`\log p(z_n) - \log q(z_n)` term (they are integrated out), and guide proposals are held
-   fixed (no gradient flows into them: the estimate is a ratio, not a bound, and would not train a
-   proposal sensibly). The estimate is consistent in :math:`K` with :math:`O(1/K)` bias.
+   only :math:`x_R`; the ELBO raises if a guide never asked. Guide sites of local latents,
+   autoguide auxiliaries such as AutoNormal's ``z_unconstrained`` included, contribute no
+   :math:`\log p(z_n) - \log q(z_n)` term (the latents are integrated out); with the prior as
+   proposal they are unused, which is reported once. ``AutoContinuous`` guides (AutoDiagonalNormal,
+   AutoLowRankMultivariateNormal) that draw local and global latents jointly are refused: block
+   the local ones from them. Guide proposals are held fixed (no gradient flows into them). The
+   estimate is consistent in :math:`K` with :math:`O(1/K)` bias.
 3. **Factorised sites without local latents** (``Normal(...).to_event(1)``, ``Bernoulli``, any
    site without event dimensions): the conditionals equal the marginals, so
    :math:`\hat L(x_n)` is replaced by its expectation, the plain log-likelihood, whenever the scheme
@@ -45,9 +52,12 @@ conditionals are computed per site:
 
 The masked dimension is the **rightmost event dimension** of the observed site (a site without event
 dimensions is one dimension, :math:`D = 1`). To mask another dimension, move it rightmost in the
-model (e.g. ``x.transpose(-1, -2)`` with the matching ``.to_event``). Plate subsampling scales,
-``poutine.scale`` and ``poutine.mask`` apply to :math:`\hat L(x_n)` exactly as they apply to the
-log-likelihood in Trace_ELBO.
+model (e.g. ``x.transpose(-1, -2)`` with the matching ``.to_event``); a ``features`` plate makes
+each element its own row. Plate subsampling scales, ``poutine.scale`` and ``poutine.mask`` apply to
+:math:`\hat L(x_n)` exactly as they apply to the log-likelihood in Trace_ELBO, and rows masked out
+may hold NaN. ``pyro.deterministic`` and ``pyro.factor`` sites are not data: their log-densities
+enter the loss as in Trace_ELBO. Integer and boolean observations are promoted to the model's
+floating dtype.
 
 References:
     P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the Marginal
@@ -59,19 +69,22 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.distributions import Unit
 from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.distributions.util import is_identically_zero, scale_and_mask
+from pyro.infer.autoguide import AutoContinuous, AutoGuideList
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import MultiFrameTensor, get_plate_stacks, is_validation_enabled, torch_item
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match, check_site_shape, warn_if_nan
 
-from ..gaussian import masked_conditional_log_prob
+from ..gaussian import as_value, masked_conditional_log_prob
 from ..masks import Cumulative, MaskSample, MaskScheme
 from .observed_view import masked_observations
 from .site_terms import (
@@ -84,9 +97,9 @@ from .site_terms import (
 
 __all__ = ["MaskedPretrainingELBO"]
 
-_VECTORIZED_PARTICLES = "num_particles_vectorized"
 _IMPORTANCE_PLATE = "_mpt_importance"
 _MASK_PLATE = "_mpt_masks"
+_INTERNAL_PLATES = frozenset({"num_particles_vectorized", _IMPORTANCE_PLATE, _MASK_PLATE})
 _SUPPORTED = (
     "MultivariateNormal, LowRankMultivariateNormal, or a distribution that factorises over its "
     "rightmost event dimension (e.g. Normal(...).to_event(1), Bernoulli(...).to_event(1))"
@@ -109,8 +122,9 @@ class MaskedPretrainingELBO(ELBO):
         proposal: ``"prior"`` (default) or ``"guide"``: where local-latent particles come from. A
             guide proposal must read the observation through
             :func:`~pyro_mpt.infer.observed_view`.
-        local_plates: names of the plates over data rows. A latent site is *local* to an observed
-            site when they share one of these plates. Default: any plate they share.
+        local_plates: names of the plates that index data rows. A latent site is *local* to an
+            observed site when it sits in every one of these plates that the observed site is
+            in. Default: every plate (vectorized or sequential) of the observed site.
         generator: ``torch.Generator`` for the masks (deterministic under a seed). Latent samples
             (guide and importance particles) use Pyro's global RNG (``pyro.set_rng_seed``).
         max_plate_nesting: as in :class:`~pyro.infer.ELBO`, and so are ``vectorize_particles``,
@@ -173,6 +187,7 @@ class MaskedPretrainingELBO(ELBO):
         self.proposal = proposal
         self.local_plates = None if local_plates is None else frozenset(local_plates)
         self.generator = generator
+        self._warned_unused_guide = False
 
     # ----------------------------------------------------------------------------------- traces
     def _get_trace(self, model, guide, args, kwargs):
@@ -194,13 +209,16 @@ class MaskedPretrainingELBO(ELBO):
         observed = _check_sites(model_trace, guide_trace)
         local = _local_sites(model_trace, observed, self.local_plates)
         all_local = frozenset(name for names in local.values() for name in names)
+        # Guide sites of integrated-out latents, autoguide auxiliaries included, are not ELBO terms.
+        integrated = all_local | _local_auxiliary_sites(guide, guide_trace, model_trace, local)
         if is_validation_enabled():
             check_model_guide_match(
-                _without(model_trace, all_local), _without(guide_trace, all_local)
+                _without(model_trace, integrated), _without(guide_trace, integrated)
             )
+        self._warn_if_guide_is_unused(guide_trace, integrated)
 
         model_trace.compute_log_prob(
-            site_filter=lambda name, site: not site["is_observed"] and name not in all_local
+            site_filter=lambda name, site: name not in observed and name not in all_local
         )
         guide_trace.compute_score_parts()
         if is_validation_enabled():
@@ -210,30 +228,61 @@ class MaskedPretrainingELBO(ELBO):
                         check_site_shape(site, self.max_plate_nesting)
 
         nesting = _plate_nesting(full_model_trace, full_guide_trace)
+        prior_particles = None
         for name in observed:
             site = model_trace.nodes[name]
-            if local[name]:
-                estimate = self._local_latent_term(
-                    name, site, local[name], all_local, model, guide, args, kwargs,
+            value = _observed_value(name, site)
+            if not local[name]:
+                estimate = self._exact_conditional_term(name, site, value)
+            elif self.proposal == "prior":
+                if prior_particles is None:  # one trace serves every observed site
+                    prior_particles = self._prior_particles(
+                        model, args, kwargs, full_model_trace, all_local, nesting
+                    )
+                estimate = self._prior_proposal_term(name, site, value, prior_particles)
+            else:
+                estimate = self._guide_proposal_term(
+                    name, site, value, local[name], integrated, model, guide, args, kwargs,
                     full_model_trace, full_guide_trace, nesting,
                 )
-            else:
-                estimate = self._exact_conditional_term(name, site)
             site["mpt_log_prob"] = scale_and_mask(estimate, site["scale"], _row_mask(site))
             site["mpt_log_prob_sum"] = site["mpt_log_prob"].sum()
             if is_validation_enabled():
                 warn_if_nan(site["mpt_log_prob_sum"], f"masked pre-training term at site '{name}'")
-        return model_trace, guide_trace, all_local
+        return model_trace, guide_trace, integrated
 
-    def _draw(self, size: int, batch_shape: torch.Size, dtype: torch.dtype) -> MaskSample:
-        return self.masks.sample(size, batch_shape, self.num_masks, self.generator, dtype)
+    def _warn_if_guide_is_unused(self, guide_trace, integrated) -> None:
+        if self.proposal != "prior" or self._warned_unused_guide:
+            return
+        unused = sorted(
+            name for name, site in guide_trace.nodes.items()
+            if site["type"] == "sample" and name in integrated
+        )
+        if unused:
+            self._warned_unused_guide = True
+            warnings.warn(
+                f"the guide's sites {unused} belong to local latents, which "
+                "MaskedPretrainingELBO(proposal='prior') integrates against the prior by "
+                "importance sampling: they are not used and their parameters are not trained. "
+                "To use the guide as the proposal, pass proposal='guide' and read the observation "
+                "in the guide through pyro_mpt.infer.observed_view; otherwise leave the local "
+                "latents out of the guide (e.g. AutoNormal(poutine.block(model, hide=[...]))).",
+                UserWarning,
+                stacklevel=4,
+            )
 
-    def _exact_conditional_term(self, name: str, site: dict) -> torch.Tensor:
+    def _draw(self, size: int, batch_shape: torch.Size, like: torch.Tensor) -> MaskSample:
+        return self.masks.sample(
+            size, batch_shape, self.num_masks, self.generator, like.dtype, like.device
+        )
+
+    def _exact_conditional_term(self, name: str, site: dict, value: torch.Tensor) -> torch.Tensor:
         """Sites without local latents: exact Gaussian conditionals, or factorised marginals."""
-        fn, value = _unmasked_fn(site), site["value"]
+        fn = _unmasked_fn(site)
         if is_collapsed_gaussian(fn):
+            value = as_value(fn, value)
             batch_shape = torch.broadcast_shapes(value.shape[:-1], fn.batch_shape)
-            draw = self._draw(value.shape[-1], batch_shape, value.dtype)
+            draw = self._draw(value.shape[-1], batch_shape, value)
             conditionals = masked_conditional_log_prob(fn, value, draw.masks)
             return draw.weighted_sums(conditionals).sum(0)
         if not is_factorised(fn):
@@ -245,15 +294,17 @@ class MaskedPretrainingELBO(ELBO):
             # Conditionals equal marginals, so the scheme's expectation is the log-likelihood.
             return fn.log_prob(value)
         per_dim = per_dimension_log_prob(fn, value)
-        draw = self._draw(per_dim.shape[-1], per_dim.shape[:-1], per_dim.dtype)
+        draw = self._draw(per_dim.shape[-1], per_dim.shape[:-1], per_dim)
         return draw.weighted_sums(per_dim).sum(0)
 
-    def _local_latent_term(
-        self, name, site, local, all_local, model, guide, args, kwargs,
-        full_model_trace, full_guide_trace, nesting,
-    ) -> torch.Tensor:
-        """Sites with local latents: SNIS estimates of the conditionals given the visible part."""
-        fn, value = _unmasked_fn(site), site["value"]
+    def _prior_particles(self, model, args, kwargs, full_model_trace, all_local, nesting):
+        """The model re-run with K prior particles of every local latent, in one trace."""
+        replay = _without(full_model_trace, all_local)
+        with pyro.plate(_IMPORTANCE_PLATE, self.num_importance_samples, dim=-(nesting + 1)):
+            return poutine.trace(poutine.replay(model, trace=replay)).get_trace(*args, **kwargs)
+
+    def _factorised_fn(self, name, site, local):
+        fn = _unmasked_fn(site)
         if not is_factorised(fn):
             raise TypeError(
                 f"observed site '{name}' depends on local latent sites {sorted(local)} but its "
@@ -261,28 +312,33 @@ class MaskedPretrainingELBO(ELBO):
                 "dimension given them; use Independent(...) over that dimension (e.g. "
                 "Bernoulli(...).to_event(1))"
             )
-        per_dim = per_dimension_log_prob(fn, value)
+        return fn
+
+    def _prior_proposal_term(self, name, site, value, particles) -> torch.Tensor:
+        """SNIS conditionals given the visible part, with prior particles (weights p(x_R | z))."""
+        per_dim = per_dimension_log_prob(self._factorised_fn(name, site, ()), value)
         batch_shape, size = per_dim.shape[:-1], per_dim.shape[-1]
-        draw = self._draw(size, batch_shape, per_dim.dtype)
+        draw = self._draw(size, batch_shape, per_dim)
+        log_lik = per_dimension_log_prob(_unmasked_fn(particles.nodes[name]), value)
+        log_lik = _align(log_lik, (self.num_importance_samples,), batch_shape, size).unsqueeze(0)
+        return draw.weighted_sums(snis_conditional_log_prob(log_lik, draw.masks)).sum(0)
+
+    def _guide_proposal_term(
+        self, name, site, value, local, integrated, model, guide, args, kwargs,
+        full_model_trace, full_guide_trace, nesting,
+    ) -> torch.Tensor:
+        """SNIS conditionals given the visible part, with the guide (reading x_R) as proposal."""
+        per_dim = per_dimension_log_prob(self._factorised_fn(name, site, local), value)
+        batch_shape, size = per_dim.shape[:-1], per_dim.shape[-1]
+        draw = self._draw(size, batch_shape, per_dim)
         num = self.num_importance_samples
         dim = -(nesting + 1)
-        if self.proposal == "prior":
-            replay = _without(full_model_trace, all_local)
-            with pyro.plate(_IMPORTANCE_PLATE, num, dim=dim):
-                particles = poutine.trace(poutine.replay(model, trace=replay)).get_trace(
-                    *args, **kwargs
-                )
-            log_lik = per_dimension_log_prob(_unmasked_fn(particles.nodes[name]), value)
-            log_lik = _align(log_lik, (num,), batch_shape, size).unsqueeze(0)
-            conditionals = snis_conditional_log_prob(log_lik, draw.masks)
-            return draw.weighted_sums(conditionals).sum(0)
-
         num_draws = draw.masks.shape[0]
         pad = (1,) * (nesting - len(batch_shape))
         view_mask = draw.masks.reshape(num_draws, 1, *pad, *batch_shape, size)
         if per_dim.dim() == value.dim() + 1:  # a site without event dimensions: D = 1
             view_mask = view_mask.squeeze(-1)
-        replay = _without(full_guide_trace, all_local)
+        replay = _without(full_guide_trace, integrated)
         with (
             masked_observations({name: view_mask}, {name: value}) as read,
             pyro.plate(_MASK_PLATE, num_draws, dim=dim - 1),
@@ -333,7 +389,7 @@ class MaskedPretrainingELBO(ELBO):
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample" or name in local:
                 continue
-            term = site["mpt_log_prob_sum"] if site["is_observed"] else site["log_prob_sum"]
+            term = site["mpt_log_prob_sum"] if "mpt_log_prob_sum" in site else site["log_prob_sum"]
             elbo_particle = elbo_particle + torch_item(term)
             surrogate_elbo_particle = surrogate_elbo_particle + term
 
@@ -422,8 +478,19 @@ class MaskedPretrainingELBO(ELBO):
 
 
 # ---------------------------------------------------------------------------------- helpers
+def _is_data(site) -> bool:
+    """Observed sites that are data; ``pyro.deterministic`` and ``pyro.factor`` are not (their
+    log-densities enter the loss exactly as in Trace_ELBO)."""
+    return (
+        site["type"] == "sample"
+        and site["is_observed"]
+        and not site["infer"].get("_deterministic", False)
+        and not isinstance(_unmasked_fn(site), Unit)
+    )
+
+
 def _check_sites(model_trace, guide_trace) -> list[str]:
-    """Names of the observed sites; clear errors for what the estimator cannot handle."""
+    """Names of the observed data sites; clear errors for what the estimator cannot handle."""
     for trace in (model_trace, guide_trace):
         for name, site in trace.nodes.items():
             if site["type"] == "sample" and site["infer"].get("enumerate"):
@@ -435,15 +502,11 @@ def _check_sites(model_trace, guide_trace) -> list[str]:
                 )
     observed = []
     for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or not site["is_observed"]:
+        if not _is_data(site):
             continue
-        value = site["value"]
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"observed site '{name}' has a non-tensor value {type(value).__name__}")
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise ValueError(
-                f"observed site '{name}' contains NaN or infinite values; remove them, or use "
-                "poutine.mask / the distribution's .mask() to leave those rows out"
+        if not isinstance(site["value"], torch.Tensor):
+            raise TypeError(
+                f"observed site '{name}' has a non-tensor value {type(site['value']).__name__}"
             )
         observed.append(name)
     if not observed:
@@ -454,41 +517,118 @@ def _check_sites(model_trace, guide_trace) -> list[str]:
     return observed
 
 
-def _data_frames(site, local_plates) -> frozenset[str]:
-    names = frozenset(
-        frame.name
+def _observed_value(name: str, site) -> torch.Tensor:
+    """The observation, with NaN allowed (and zeroed) only in rows that are masked out."""
+    value = site["value"]
+    if not value.is_floating_point():
+        return value
+    missing = ~torch.isfinite(value)
+    if not bool(missing.any()):
+        return value
+    row_mask = _row_mask(site)
+    event_dims = _unmasked_fn(site).event_dim
+    missing_rows = missing.flatten(value.dim() - event_dims).any(-1) if event_dims else missing
+    kept = True if row_mask is None else row_mask
+    if bool((missing_rows & kept).any()):
+        raise ValueError(
+            f"observed site '{name}' contains NaN or infinite values in rows that are scored; "
+            "remove those rows, or leave them out with poutine.mask(mask=...) or the "
+            "distribution's .mask(...) (rows masked out may hold NaN)"
+        )
+    # Masked-out rows are not scored; zero them so that no NaN reaches a gradient.
+    return torch.where(missing, torch.zeros_like(value), value)
+
+
+def _row_frames(site, local_plates) -> frozenset:
+    """The plates (vectorized or sequential) that index the rows of a site."""
+    return frozenset(
+        frame
         for frame in site["cond_indep_stack"]
-        if frame.vectorized and frame.name != _VECTORIZED_PARTICLES
+        if frame.name not in _INTERNAL_PLATES
+        and (local_plates is None or frame.name in local_plates)
     )
-    return names if local_plates is None else names & local_plates
 
 
 def _local_sites(model_trace, observed: list[str], local_plates) -> dict[str, list[str]]:
-    """For each observed site, the latent sites that share a data plate with it."""
+    """For each observed site, its local latents: latent sites in every plate of its rows.
+
+    A latent inside every plate (vectorized or sequential, with the same iteration) that indexes
+    the observed rows takes a separate value for each row, so it is integrated per row. A latent
+    missing from one of them (a per-feature scale in a ``features`` plate while the rows are
+    indexed by ``data`` and ``features``; a weight vector outside the data plate) is shared by
+    several rows: it is global and handled by the guide, as in Trace_ELBO.
+    """
     local: dict[str, list[str]] = {name: [] for name in observed}
     owner: dict[str, str] = {}
-    frames = {name: _data_frames(model_trace.nodes[name], local_plates) for name in observed}
+    frames = {name: _row_frames(model_trace.nodes[name], local_plates) for name in observed}
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"]:
             continue
-        latent_frames = _data_frames(site, local_plates)
+        latent_frames = frozenset(site["cond_indep_stack"])
         for obs in observed:
-            if latent_frames & frames[obs]:
-                if name in owner:
-                    raise NotImplementedError(
-                        f"local latent site '{name}' is shared by observed sites '{owner[name]}' "
-                        f"and '{obs}'; MaskedPretrainingELBO masks one observed site at a time"
-                    )
-                owner[name] = obs
-                local[obs].append(name)
-                if not site["fn"].has_rsample:
-                    raise ValueError(
-                        f"local latent site '{name}' of observed site '{obs}' is discrete "
-                        f"({type(site['fn']).__name__}) and would need enumeration; "
-                        "MaskedPretrainingELBO does not enumerate: sum it out in the model "
-                        "(e.g. with MixtureSameFamily)"
-                    )
+            if not frames[obs] or not frames[obs] <= latent_frames:
+                continue
+            if name in owner:
+                raise NotImplementedError(
+                    f"local latent site '{name}' is shared by observed sites '{owner[name]}' "
+                    f"and '{obs}'; MaskedPretrainingELBO masks one observed site at a time"
+                )
+            extra = sorted(
+                f.name for f in latent_frames - frames[obs]
+                if f.vectorized and f.name not in _INTERNAL_PLATES
+                and (local_plates is None or f.name in local_plates)
+            )
+            if extra:
+                raise NotImplementedError(
+                    f"local latent site '{name}' of observed site '{obs}' sits in plates {extra} "
+                    f"that do not index the rows of '{obs}'; move them into the event shape "
+                    "(.to_event) or name the data plates with local_plates="
+                )
+            owner[name] = obs
+            local[obs].append(name)
+            if not site["fn"].has_rsample:
+                raise ValueError(
+                    f"local latent site '{name}' of observed site '{obs}' is discrete "
+                    f"({type(site['fn']).__name__}) and would need enumeration; "
+                    "MaskedPretrainingELBO does not enumerate: sum it out in the model "
+                    "(e.g. with MixtureSameFamily)"
+                )
     return local
+
+
+def _local_auxiliary_sites(guide, guide_trace, model_trace, local) -> frozenset[str]:
+    """Guide-only (auxiliary) sites that belong to integrated-out latents, e.g. AutoNormal's
+    ``z_unconstrained``: they sit in every row plate of an observed site with local latents."""
+    row_frames = [
+        _row_frames(model_trace.nodes[obs], None) for obs, latents in local.items() if latents
+    ]
+    if not row_frames:
+        return frozenset()
+    _check_joint_autoguide(guide, {name for latents in local.values() for name in latents})
+    return frozenset(
+        name
+        for name, site in guide_trace.nodes.items()
+        if site["type"] == "sample"
+        and name not in model_trace.nodes
+        and any(frames <= frozenset(site["cond_indep_stack"]) for frames in row_frames)
+    )
+
+
+def _check_joint_autoguide(guide, local_names) -> None:
+    """AutoContinuous guides (AutoDiagonalNormal, AutoLowRankMultivariateNormal, ...) draw every
+    latent from one joint auxiliary site, whose entropy cannot be split into global and local."""
+    parts = list(guide) if isinstance(guide, AutoGuideList) else [guide]
+    for part in parts:
+        if isinstance(part, AutoContinuous) and part.prototype_trace is not None:
+            covered = sorted(local_names & set(part.prototype_trace.nodes))
+            if covered:
+                raise NotImplementedError(
+                    f"{type(part).__name__} draws the local latent sites {covered} jointly with "
+                    "the global ones from one auxiliary site, so their entropy cannot be left out "
+                    "of the masked pre-training loss. Hide the local latents from it, e.g. "
+                    f"{type(part).__name__}(poutine.block(model, hide={covered!r})), or use "
+                    "AutoNormal"
+                )
 
 
 def _plate_nesting(*traces) -> int:
@@ -553,7 +693,7 @@ def _compute_log_r(model_trace, guide_trace, local) -> MultiFrameTensor:
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or name in local:
             continue
-        if site["is_observed"]:
+        if "mpt_log_prob" in site:
             term = site["mpt_log_prob"]
         elif name in guide_trace.nodes:
             term = site["log_prob"] - guide_trace.nodes[name]["log_prob"]
