@@ -200,6 +200,45 @@ def test_special_tokens_and_padding_are_never_masked(model, tokenizer):
     assert (ids[inner] == tokenizer.mask_token_id).all()
 
 
+def test_special_tokens_typed_in_the_text_are_context_not_scored(model, tokenizer):
+    # The characters "[MASK]" and "[SEP]" in a text are parsed to the special ids, but the
+    # tokenizer's special_tokens_mask flags only the [CLS] and [SEP] it added itself.
+    text = "the cat [MASK] on the [SEP] mat"
+    ids = tokenizer(text)["input_ids"]
+    tokens = ["[CLS]", "the", "cat", "[MASK]", "on", "the", "[SEP]", "mat", "[SEP]"]
+    assert tokenizer.convert_ids_to_tokens(ids) == tokens
+    content = [1, 2, 4, 5, 7]  # positions of the, cat, on, the, mat
+
+    def hidden(positions):
+        """sum over the hidden positions of log p(x_j | rest), rest including [MASK] and [SEP]."""
+        masked = torch.tensor(ids)
+        masked[positions] = tokenizer.mask_token_id
+        with torch.no_grad():
+            log_probs = model(input_ids=masked[None]).logits[0].log_softmax(-1)
+        return log_probs[positions, torch.tensor(ids)[positions]].double().sum().item()
+
+    pll = sum(hidden([j]) for j in content)
+    exact = sum(
+        sum(hidden(list(subset)) / m for subset in itertools.combinations(content, m))
+        / math.comb(len(content), m)
+        for m in range(1, len(content) + 1)
+    )
+    score = mlm_score(model, tokenizer, [text], masks=Exhaustive(), progress=False)
+    assert score.num_tokens.tolist() == [5]
+    assert score.pseudo_log_likelihood.item() == pytest.approx(pll, abs=1e-5)
+    assert score.log_prob.mean.item() == pytest.approx(exact, abs=1e-5)
+    curve = mlm_curve(model, tokenizer, [text], rates=[0.2], masks_per_rate=5, progress=False)
+    assert curve.num_tokens.tolist() == [5]
+    assert curve.mean[0, 0].item() == pytest.approx(pll / 5, abs=1e-5)
+    # [UNK] (an unknown word) is special too, as in Hugging Face's masked-LM data collator; a
+    # text of special tokens only has nothing to score.
+    assert tokenizer.tokenize("the zebra cat") == ["the", "[UNK]", "cat"]
+    unknown = mlm_curve(model, tokenizer, ["the zebra cat"], rates=[1.0], progress=False)
+    assert unknown.num_tokens.tolist() == [2]
+    with pytest.raises(ValueError, match="special tokens only"):
+        mlm_score(model, tokenizer, ["[MASK] [SEP]"], progress=False)
+
+
 def test_bad_input_is_refused(model, tokenizer):
     with pytest.raises(ValueError, match=r"texts\[1\] has no tokens to score"):
         mlm_curve(model, tokenizer, ["the cat", ""], progress=False)
