@@ -198,11 +198,23 @@ class _Job(NamedTuple):
 
 
 def _first_occurrences(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distinct values of a sorted 1-d tensor and the index of each one's first occurrence."""
+    """Distinct values of a sorted 1-d tensor and the index of each one's first occurrence
+    (both on ``values``' device)."""
     distinct, inverse = torch.unique_consecutive(values, return_inverse=True)
-    first = torch.full((len(distinct),), len(values), dtype=torch.long)
-    first = first.scatter_reduce(0, inverse, torch.arange(len(values)), reduce="amin")
-    return distinct, first
+    first = torch.full((len(distinct),), len(values), dtype=torch.long, device=values.device)
+    positions = torch.arange(len(values), device=values.device)
+    return distinct, first.scatter_reduce(0, inverse, positions, reduce="amin")
+
+
+def _check_generator(generator) -> None:
+    """Masks index the tokens of a text, which live on the CPU whatever the model's device, and
+    :mod:`~pyro_mpt.masks` draws them there: a CUDA generator would fail deep inside torch."""
+    device = getattr(generator, "device", None)
+    if device is not None and torch.device(device).type != "cpu":
+        raise ValueError(
+            "generator must be a CPU torch.Generator (masks are drawn on the CPU, whatever the "
+            f"model's device), got one on {device}"
+        )
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -292,7 +304,9 @@ def _masked_sums(
     r"""For every job, :math:`\sum_{j \in M} \log p(x_j \mid x_R)` (float64, on the CPU).
 
     Jobs are run longest-first in padded batches (right padding, attention mask), so texts of
-    similar length share a batch and padding stays small.
+    similar length share a batch and padding stays small. A batch is built on the CPU, where the
+    token lists and masks live, and copied to the model's device for the forward pass; the
+    picked log-probabilities come back and are summed in float64 on the CPU (MPS has no float64).
     """
     device = next(model.parameters()).device
     mask_id = tokenizer.mask_token_id
@@ -383,7 +397,8 @@ def mlm_curve(
         rates: masking rates in (0, 1] (sorted, duplicates merged); default :data:`DEFAULT_RATES`.
         masks_per_rate: masks per rate and text (>= 2 for a standard error).
         batch_size: rows per forward pass.
-        generator: ``torch.Generator`` for reproducible masks.
+        generator: a CPU ``torch.Generator`` for reproducible masks (masks are drawn on the CPU
+            and only the batches go to the model's device).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -400,6 +415,7 @@ def mlm_curve(
     rates = _check_rates(rates)
     _check_positive_int("masks_per_rate", masks_per_rate)
     _check_positive_int("batch_size", batch_size)
+    _check_generator(generator)
     encoded = _encode(model, tokenizer, texts)
     sizes = torch.tensor(
         [[size_for_rate(rate, len(text.positions)) for text in encoded] for rate in rates]
@@ -418,9 +434,8 @@ def mlm_curve(
     for (n, m), (rows, exact) in groups.items():
         per_mask = sums[rows] / m
         draws = len(per_mask)
-        estimate = stratified_estimate(
-            per_mask / draws, torch.zeros(draws, dtype=torch.long), exact=exact
-        )
+        strata = torch.zeros(draws, dtype=torch.long, device=per_mask.device)  # one stratum
+        estimate = stratified_estimate(per_mask / draws, strata, exact=exact)
         where = sizes[:, n] == m
         mean[where, n] = estimate.mean
         stderr[where, n] = estimate.stderr
@@ -454,7 +469,8 @@ def mlm_score(
         masks: a :class:`~pyro_mpt.masks.MaskScheme`; default :class:`~pyro_mpt.masks.Cumulative`.
         num_masks: replicates of the scheme's draw per text (>= 2 for a standard error).
         batch_size: rows per forward pass.
-        generator: ``torch.Generator`` for reproducible masks.
+        generator: a CPU ``torch.Generator`` for reproducible masks (masks are drawn on the CPU
+            and only the batches go to the model's device).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -474,6 +490,7 @@ def mlm_score(
         raise TypeError(f"masks must be a pyro_mpt.masks.MaskScheme, got {type(masks).__name__}")
     _check_positive_int("num_masks", num_masks)
     _check_positive_int("batch_size", batch_size)
+    _check_generator(generator)
     encoded = _encode(model, tokenizer, texts)
     jobs: list[_Job] = []
     draws = []
