@@ -366,3 +366,14 @@ def test_kept_mask_is_created_on_the_log_prob_device():
     site = {"fn": fn, "mask": False}
     kept = _kept(site, log_prob)
     assert kept.device.type == "meta" and kept.shape == (5,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_masked_model_on_cuda(data):
+    x, y, keep = masked_data(data)
+    draws = posterior_draws(x[keep], y[keep], 500, seed=0)
+    cpu = from_pyro(draws, masked_regression, (x, y, keep))
+    on_cuda = {name: value.cuda() for name, value in draws.items()}
+    cuda = from_pyro(on_cuda, masked_regression, (x.cuda(), y.cuda(), keep.cuda()))
+    assert cuda["log_likelihood"]["y"].sizes == cpu["log_likelihood"]["y"].sizes
+    assert arviz_stats.loo(cuda).elpd == pytest.approx(arviz_stats.loo(cpu).elpd, abs=1e-8)
