@@ -18,6 +18,14 @@ computed by replaying the model with the latent sites conditioned on each draw
 size and the MPT estimate of :math:`\log p(x)`. On the marginal of the observations, the
 :math:`m = 1` point of that curve is the exact leave-one-out score that PSIS-LOO approximates.
 
+Observations hidden by ``poutine.mask`` (or ``Distribution.mask``, or the observed part of
+``obs_mask``) are not data. Pyro scores them as a log-density of 0, and left in the
+``log_likelihood`` group they would look like points predicted with probability 1: PSIS-LOO fails
+on them ("All tail values are the same") and would otherwise count them. :func:`log_likelihood`
+marks them NaN, and :func:`from_pyro` drops them from ``log_likelihood`` and ``observed_data``.
+A NaN left in place is no substitute: ``arviz_stats.loo`` 0.8 runs on it but returns
+``elpd = nan``.
+
 References:
     A. Vehtari, A. Gelman, J. Gabry, "Practical Bayesian model evaluation using leave-one-out
     cross-validation and WAIC", Statistics and Computing 27, 2017.
@@ -35,6 +43,7 @@ import pyro.poutine as poutine
 import torch
 import xarray as xr
 from arviz_base import from_dict
+from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.poutine.util import site_is_subsample
 
 from .scoring import MPTCurve, MPTEstimate
@@ -84,6 +93,69 @@ def _traces(model: Callable, samples: Mapping[str, torch.Tensor], args, kwargs):
         yield trace
 
 
+def _kept(site: dict, log_prob: torch.Tensor) -> torch.Tensor:
+    """Which entries of an observed site are data: False where a mask hides the observation.
+
+    Two mechanisms hide observations: ``poutine.mask`` (and ``obs_mask``), which Pyro records in
+    ``site["mask"]``, and ``Distribution.mask``, which wraps the distribution in a
+    ``MaskedDistribution``, possibly under ``.to_event`` or ``.expand``. An observation whose
+    event is only partly masked keeps the log-density of its visible part: it is still data.
+    Returns a bool tensor shaped like ``log_prob``, on its device.
+    """
+    device = log_prob.device
+    kept = torch.ones(log_prob.shape, dtype=torch.bool, device=device)
+    if site["mask"] is not None:
+        kept = kept & torch.as_tensor(site["mask"], device=device)
+    fn, event_dims = site["fn"], 0
+    while True:
+        if isinstance(fn, MaskedDistribution):
+            # Dims that an outer Independent reinterpreted belong to one observation: it is
+            # data if any of its elements is visible.
+            mask = torch.as_tensor(fn._mask, device=device).expand(fn.batch_shape)
+            if event_dims:
+                mask = mask.flatten(-event_dims).any(-1)
+            kept = kept & mask
+        if isinstance(fn, torch.distributions.Independent):
+            event_dims += fn.reinterpreted_batch_ndims
+        elif not isinstance(fn, (MaskedDistribution, ExpandedDistribution)):
+            return kept
+        fn = fn.base_dist
+
+
+def _pointwise(
+    model: Callable,
+    samples: Mapping[str, torch.Tensor],
+    args,
+    kwargs,
+    observed: Sequence[str] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Pointwise log-likelihoods ``(S, *batch)``, NaN where masked, and the mask of kept entries."""
+    values: dict[str, list[torch.Tensor]] = {}
+    kept: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for trace in _traces(model, samples, args, kwargs):
+            for name, site in trace.nodes.items():
+                # poutine.condition marks the conditioned latents as observed: skip them.
+                if not _is_observed(site) or name in samples:
+                    continue
+                if observed is not None and name not in observed:
+                    continue
+                log_prob = site["fn"].log_prob(site["value"])
+                site_kept = _kept(site, log_prob)
+                if name not in kept:
+                    kept[name] = site_kept
+                elif not torch.equal(kept[name], site_kept):
+                    # Then the data set itself would change from draw to draw: no LOO exists.
+                    raise ValueError(
+                        f"the mask of observed site {name!r} depends on the posterior draw; "
+                        "mask observations with data, not with latent variables"
+                    )
+                values.setdefault(name, []).append(torch.where(site_kept, log_prob, torch.nan))
+    if observed is not None and set(observed) - set(values):
+        raise ValueError(f"observed site(s) {sorted(set(observed) - set(values))} not in model")
+    return {name: torch.stack(value) for name, value in values.items()}, kept
+
+
 def log_likelihood(
     model: Callable,
     samples: Mapping[str, torch.Tensor],
@@ -92,6 +164,9 @@ def log_likelihood(
     **kwargs,
 ) -> dict[str, torch.Tensor]:
     r"""Pointwise log-likelihood :math:`\log p(y_i \mid \theta^{(s)})` of every observed site.
+
+    Observations hidden by ``poutine.mask``, ``obs_mask`` or ``Distribution.mask`` are not data:
+    their entries are NaN (Pyro's own log-density of 0 would read as a perfect prediction).
 
     Args:
         model: a Pyro model whose observations are given through ``obs=`` (via its arguments).
@@ -102,37 +177,25 @@ def log_likelihood(
         observed: the observed sites to keep (default: all).
 
     Returns:
-        Site name -> tensor ``(S, *site.batch_shape)``: one value per draw and observation.
+        Site name -> tensor ``(S, *site.batch_shape)``: one value per draw and observation, on
+        the device of the model's tensors.
 
     Example:
         >>> import pyro, pyro.distributions as dist
-        >>> def model(y):
+        >>> def model(y, keep=True):
         ...     mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
-        ...     with pyro.plate("data", len(y)):
+        ...     with pyro.plate("data", len(y)), pyro.poutine.mask(mask=keep):
         ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
         >>> y = torch.tensor([0.0, 1.0, 2.0])
         >>> ll = log_likelihood(model, {"mu": torch.tensor([0.0, 1.0])}, y)
         >>> ll["y"].shape
         torch.Size([2, 3])
+        >>> keep = torch.tensor([True, False, True])
+        >>> log_likelihood(model, {"mu": torch.tensor([0.0, 1.0])}, y, keep)["y"].isnan()
+        tensor([[False,  True, False],
+                [False,  True, False]])
     """
-    values: dict[str, list[torch.Tensor]] = {}
-    with torch.no_grad():
-        for trace in _traces(model, samples, args, kwargs):
-            for name, site in trace.nodes.items():
-                # poutine.condition marks the conditioned latents as observed: skip them.
-                if not _is_observed(site) or name in samples:
-                    continue
-                if observed is not None and name not in observed:
-                    continue
-                log_prob = site["fn"].log_prob(site["value"])
-                mask = site.get("mask")
-                if mask is not None and mask is not True:
-                    # poutine.mask / obs_mask: masked-out observations contribute nothing.
-                    log_prob = torch.where(torch.as_tensor(mask), log_prob, 0.0)
-                values.setdefault(name, []).append(log_prob)
-    if observed is not None and set(observed) - set(values):
-        raise ValueError(f"observed site(s) {sorted(set(observed) - set(values))} not in model")
-    return {name: torch.stack(value) for name, value in values.items()}
+    return _pointwise(model, samples, args, kwargs, observed)[0]
 
 
 def _observed_values(model: Callable, samples: Mapping[str, torch.Tensor], *args, **kwargs):
@@ -224,6 +287,57 @@ def mpt_dataset(
     return xr.Dataset(variables, coords=coords, attrs=attrs)
 
 
+def _select_kept(array: xr.DataArray, dims: Sequence[str], kept: np.ndarray) -> xr.DataArray:
+    """The entries of ``array`` where ``kept`` (a bool array over ``dims``) is True.
+
+    When the kept entries form a grid (whole plate entries masked out: the usual case), each of
+    ``dims`` is subset and keeps its coordinate labels, so ``loo(...).elpd_i`` is labelled by the
+    original observation indices. Otherwise (entries scattered over a multi-dimensional site,
+    e.g. missing values) no rectangular array holds them, and NaN is no way out
+    (``arviz_stats.loo`` gives ``elpd = nan``): ``dims`` are flattened, as PyMC does for imputed
+    observations, into one dimension ``<site>_kept`` whose coordinates ``dims`` give each entry's
+    original labels.
+    """
+    axes = [
+        np.flatnonzero(kept.any(axis=tuple(other for other in range(kept.ndim) if other != i)))
+        for i in range(kept.ndim)
+    ]
+    if kept[np.ix_(*axes)].all():
+        return array.isel(dict(zip(dims, axes, strict=True)))
+    flat = f"{array.name}_kept"
+    array = array.stack({flat: list(dims)}).isel({flat: np.flatnonzero(kept)})
+    # A plain dimension with one label coordinate per original dim: the MultiIndex that stack
+    # builds does not round-trip through netCDF / zarr.
+    leading = [dim for dim in array.dims if dim in ("chain", "draw")]
+    return array.reset_index(flat).transpose(*leading, flat, ...)
+
+
+def _drop_masked(group: xr.DataTree, kept: Mapping[str, np.ndarray], sample_ndim: int):
+    """``group`` without the masked-out entries of its variables (see :func:`_select_kept`)."""
+    arrays = []
+    for name, array in group.to_dataset().data_vars.items():
+        site_kept = kept.get(name)
+        if site_kept is not None:
+            if not site_kept.any():
+                continue  # every observation of the site is masked out: no data at all
+            dims = array.dims[sample_ndim : sample_ndim + site_kept.ndim]
+            # An observed value that broadcasts against its distribution has fewer dims than
+            # the log-density: leave that one whole.
+            if array.shape[sample_ndim : sample_ndim + site_kept.ndim] == site_kept.shape:
+                array = _select_kept(array, dims, site_kept)
+        arrays.append(array)
+    try:
+        # join="exact": a dimension shared by two sites that keep different entries must not be
+        # silently re-aligned (that would put NaN back in, or mislabel the kept entries).
+        dataset = xr.merge(arrays, join="exact", combine_attrs="drop")
+    except ValueError as exc:
+        raise ValueError(
+            f"observed sites that share a dimension mask out different observations ({exc}); "
+            "give each of them its own dims"
+        ) from exc
+    return xr.DataTree(dataset.assign_attrs(group.attrs))
+
+
 def from_pyro(
     posterior: Any,
     model: Callable | None = None,
@@ -251,6 +365,13 @@ def from_pyro(
     Returns:
         An ``xarray.DataTree`` ready for ``arviz_stats.loo`` and ``arviz_stats.compare``.
 
+    Observations hidden by ``poutine.mask``, ``obs_mask`` or ``Distribution.mask`` are not data:
+    they are dropped from ``log_likelihood`` and ``observed_data`` (a site masked out entirely is
+    left out). Whole plate entries masked out keep the layout, with the original coordinate
+    labels of the entries kept; entries scattered over a multi-dimensional site are flattened into
+    a dimension ``<site>_kept`` with the original labels as coordinates. The mask must not depend
+    on the posterior draw.
+
     Example:
         >>> import pyro, pyro.distributions as dist
         >>> def model(y):
@@ -261,6 +382,17 @@ def from_pyro(
         >>> dt = from_pyro({"mu": 0.1 * torch.randn(40)}, model, (y,), num_chains=2)
         >>> dict(dt["log_likelihood"]["y"].sizes)
         {'chain': 2, 'draw': 20, 'y_dim_0': 3}
+
+        Masked-out observations are left out, so that PSIS-LOO scores only the data:
+
+        >>> def masked(y, keep):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        ...     with pyro.plate("data", len(y)), pyro.poutine.mask(mask=keep):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> keep = torch.tensor([True, False, True])
+        >>> dt = from_pyro({"mu": 0.1 * torch.randn(40)}, masked, (y, keep), dims={"y": ["obs"]})
+        >>> dt["log_likelihood"]["y"].coords["obs"].values.tolist()
+        [0, 2]
     """
     if hasattr(posterior, "get_samples") and hasattr(posterior, "kernel"):
         grouped = posterior.get_samples(group_by_chain=True)
@@ -288,7 +420,7 @@ def from_pyro(
         value = tensor.detach().cpu().numpy()
         return value.reshape(num_chains, total // num_chains, *value.shape[1:])
 
-    pointwise = log_likelihood(model, samples, *model_args, **model_kwargs)
+    pointwise, kept = _pointwise(model, samples, model_args, model_kwargs)
     if not pointwise:
         raise ValueError("the model has no observed sites: pass its data through model_args")
     observed = _observed_values(model, samples, *model_args, **model_kwargs)
@@ -303,6 +435,12 @@ def from_pyro(
         coords=coords,
         dims=dims,
     )
+    masked = {name: value.cpu().numpy() for name, value in kept.items() if not value.all()}
+    if masked:
+        tree["log_likelihood"] = _drop_masked(tree["log_likelihood"], masked, sample_ndim=2)
+        tree["observed_data"] = _drop_masked(tree["observed_data"], masked, sample_ndim=0)
+        if not tree["log_likelihood"].data_vars:
+            raise ValueError("every observation of the model is masked out: nothing to score")
     if mpt is not None:
         if isinstance(mpt, MPTCurve):
             tree["mpt"] = xr.DataTree(mpt_dataset(curve=mpt))

@@ -1,7 +1,7 @@
 r"""Masked language models: the whole masked-prediction curve and its area, not just the PLL.
 
-For a text of D scoreable tokens :math:`x = (x_1, \dots, x_D)` (special tokens such as ``[CLS]``
-and ``[SEP]`` are context, never scored) a masked language model gives per-token conditionals
+For a text of D scoreable tokens :math:`x = (x_1, \dots, x_D)` (special tokens are context, never
+scored: see below) a masked language model gives per-token conditionals
 :math:`p(x_j \mid x_R)`: the probability of the hidden token j given the visible ones. Write
 
 .. math::
@@ -34,6 +34,13 @@ with the same tokenizer.
   used and the term is exact.
 * :func:`mlm_score` estimates :math:`\log p(x)` per text with a :mod:`~pyro_mpt.masks` scheme
   (unbiased :class:`~pyro_mpt.masks.Cumulative` by default) and returns the exact PLL alongside.
+
+A token is special when its id is one of ``tokenizer.all_special_ids``, wherever it came from: the
+``[CLS]`` and ``[SEP]`` the tokenizer adds, a special-token string typed in the text (the
+characters ``"[MASK]"`` become the mask id, which a model cannot be asked to predict), and the
+``[UNK]`` that stands for an unknown word. This is the rule Hugging Face's
+``DataCollatorForLanguageModeling`` uses to choose the tokens a masked LM is trained to predict.
+Special tokens stay in the input as context and are not counted in D (``num_tokens``).
 
 Needs the optional extra ``pip install 'pyro_mpt[mlm]'`` (``transformers``, ``tokenizers``);
 this module imports without it and says so when used. Nothing is downloaded: load your model with
@@ -95,7 +102,8 @@ class MLMCurve(NamedTuple):
         sizes: ``(R, N)`` long, the mask size m used for each rate and text.
         mean: ``(R, N)`` estimates of :math:`S(x_n; m)`, nats per masked token.
         stderr: ``(R, N)`` their Monte-Carlo standard errors (0 where all masks were enumerated).
-        num_tokens: ``(N,)`` long, D of each text (special tokens excluded).
+        num_tokens: ``(N,)`` long, D of each text: its tokens that are not special (``[UNK]``
+            is special).
     """
 
     rates: torch.Tensor
@@ -190,11 +198,23 @@ class _Job(NamedTuple):
 
 
 def _first_occurrences(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distinct values of a sorted 1-d tensor and the index of each one's first occurrence."""
+    """Distinct values of a sorted 1-d tensor and the index of each one's first occurrence
+    (both on ``values``' device)."""
     distinct, inverse = torch.unique_consecutive(values, return_inverse=True)
-    first = torch.full((len(distinct),), len(values), dtype=torch.long)
-    first = first.scatter_reduce(0, inverse, torch.arange(len(values)), reduce="amin")
-    return distinct, first
+    first = torch.full((len(distinct),), len(values), dtype=torch.long, device=values.device)
+    positions = torch.arange(len(values), device=values.device)
+    return distinct, first.scatter_reduce(0, inverse, positions, reduce="amin")
+
+
+def _check_generator(generator) -> None:
+    """Masks index the tokens of a text, which live on the CPU whatever the model's device, and
+    :mod:`~pyro_mpt.masks` draws them there: a CUDA generator would fail deep inside torch."""
+    device = getattr(generator, "device", None)
+    if device is not None and torch.device(device).type != "cpu":
+        raise ValueError(
+            "generator must be a CPU torch.Generator (masks are drawn on the CPU, whatever the "
+            f"model's device), got one on {device}"
+        )
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -227,7 +247,8 @@ def _max_length(model, tokenizer) -> int | None:
 
 
 def _encode(model, tokenizer, texts: Sequence[str]) -> list[_Text]:
-    """Tokenize, find the scoreable (non-special) tokens, and refuse empty or too-long texts."""
+    """Tokenize, find the scoreable tokens (ids not in ``all_special_ids``), refuse empty or
+    too-long texts."""
     if isinstance(texts, str) or not isinstance(texts, Iterable):
         raise TypeError("texts must be a list of strings (wrap a single text in a list)")
     texts = list(texts)
@@ -239,16 +260,24 @@ def _encode(model, tokenizer, texts: Sequence[str]) -> list[_Text]:
         )
     vocab_size = getattr(model.config, "vocab_size", None)
     limit = _max_length(model, tokenizer)
+    special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
     encoded = []
     for index, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts[{index}] must be a string, got {type(text).__name__}")
         tokens = tokenizer(text, return_special_tokens_mask=True)
         ids = torch.as_tensor(tokens["input_ids"], dtype=torch.long)
+        # special_tokens_mask flags only the tokens the tokenizer added ([CLS], [SEP]); a
+        # special-token string typed in the text ("[MASK]", "[SEP]") is parsed to its special id
+        # and flagged 0, so decide by id as well.
         special = torch.as_tensor(tokens["special_tokens_mask"], dtype=torch.bool)
+        special |= torch.isin(ids, special_ids)
         positions = (~special).nonzero().squeeze(-1)
         if len(positions) == 0:
-            raise ValueError(f"texts[{index}] has no tokens to score (empty text): {text!r}")
+            raise ValueError(
+                f"texts[{index}] has no tokens to score (empty text, or special tokens only): "
+                f"{text!r}"
+            )
         if limit is not None and len(ids) > limit:
             raise ValueError(
                 f"texts[{index}] has {len(ids)} tokens but the model accepts at most {limit}; "
@@ -275,7 +304,9 @@ def _masked_sums(
     r"""For every job, :math:`\sum_{j \in M} \log p(x_j \mid x_R)` (float64, on the CPU).
 
     Jobs are run longest-first in padded batches (right padding, attention mask), so texts of
-    similar length share a batch and padding stays small.
+    similar length share a batch and padding stays small. A batch is built on the CPU, where the
+    token lists and masks live, and copied to the model's device for the forward pass; the
+    picked log-probabilities come back and are summed in float64 on the CPU (MPS has no float64).
     """
     device = next(model.parameters()).device
     mask_id = tokenizer.mask_token_id
@@ -361,11 +392,13 @@ def mlm_curve(
     Args:
         model: a Hugging Face masked LM (``AutoModelForMaskedLM``), on any device.
         tokenizer: its tokenizer (must define a mask token).
-        texts: list of strings; special tokens the tokenizer adds are context, never masked.
+        texts: list of strings; special tokens (those the tokenizer adds, special-token strings
+            typed in the text, ``[UNK]``) are context, never masked or scored.
         rates: masking rates in (0, 1] (sorted, duplicates merged); default :data:`DEFAULT_RATES`.
         masks_per_rate: masks per rate and text (>= 2 for a standard error).
         batch_size: rows per forward pass.
-        generator: ``torch.Generator`` for reproducible masks.
+        generator: a CPU ``torch.Generator`` for reproducible masks (masks are drawn on the CPU
+            and only the batches go to the model's device).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -382,6 +415,7 @@ def mlm_curve(
     rates = _check_rates(rates)
     _check_positive_int("masks_per_rate", masks_per_rate)
     _check_positive_int("batch_size", batch_size)
+    _check_generator(generator)
     encoded = _encode(model, tokenizer, texts)
     sizes = torch.tensor(
         [[size_for_rate(rate, len(text.positions)) for text in encoded] for rate in rates]
@@ -400,9 +434,8 @@ def mlm_curve(
     for (n, m), (rows, exact) in groups.items():
         per_mask = sums[rows] / m
         draws = len(per_mask)
-        estimate = stratified_estimate(
-            per_mask / draws, torch.zeros(draws, dtype=torch.long), exact=exact
-        )
+        strata = torch.zeros(draws, dtype=torch.long, device=per_mask.device)  # one stratum
+        estimate = stratified_estimate(per_mask / draws, strata, exact=exact)
         where = sizes[:, n] == m
         mean[where, n] = estimate.mean
         stderr[where, n] = estimate.stderr
@@ -431,11 +464,13 @@ def mlm_score(
     Args:
         model: a Hugging Face masked LM (``AutoModelForMaskedLM``), on any device.
         tokenizer: its tokenizer (must define a mask token).
-        texts: list of strings; special tokens are context, never masked.
+        texts: list of strings; special tokens (those the tokenizer adds, special-token strings
+            typed in the text, ``[UNK]``) are context, never masked or scored.
         masks: a :class:`~pyro_mpt.masks.MaskScheme`; default :class:`~pyro_mpt.masks.Cumulative`.
         num_masks: replicates of the scheme's draw per text (>= 2 for a standard error).
         batch_size: rows per forward pass.
-        generator: ``torch.Generator`` for reproducible masks.
+        generator: a CPU ``torch.Generator`` for reproducible masks (masks are drawn on the CPU
+            and only the batches go to the model's device).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -455,6 +490,7 @@ def mlm_score(
         raise TypeError(f"masks must be a pyro_mpt.masks.MaskScheme, got {type(masks).__name__}")
     _check_positive_int("num_masks", num_masks)
     _check_positive_int("batch_size", batch_size)
+    _check_generator(generator)
     encoded = _encode(model, tokenizer, texts)
     jobs: list[_Job] = []
     draws = []

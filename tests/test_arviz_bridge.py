@@ -185,3 +185,195 @@ def test_bad_input():
     assert math.isfinite(
         log_likelihood(regression, {"w": torch.zeros(2, 2)}, x, y)["y"].sum().item()
     )
+
+
+# Masked observations (poutine.mask, Distribution.mask, obs_mask) are not data.
+
+PLACEHOLDER = 1e3  # what a masked-out y holds: were it scored, the elpd would be off by ~1e6
+
+
+def masked_regression(x, y, keep, how="poutine"):
+    """``regression`` with the rows where ``keep`` is False hidden, in one of Pyro's three ways."""
+    w = pyro.sample("w", dist.Normal(0.0, PRIOR).expand([x.shape[-1]]).to_event(1))
+    with pyro.plate("data", len(y)):
+        if how == "poutine":
+            with pyro.poutine.mask(mask=keep):
+                pyro.sample("y", dist.Normal(x @ w, NOISE), obs=y)
+        elif how == "distribution":
+            pyro.sample("y", dist.Normal(x @ w, NOISE).mask(keep), obs=y)
+        else:  # Pyro scores "y_observed" and imputes the rest as the latent "y_unobserved"
+            pyro.sample("y", dist.Normal(x @ w, NOISE), obs=y, obs_mask=keep)
+
+
+def masked_data(data):
+    x, y = data
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[[0, 3, 4, 17, 39]] = False
+    return x, torch.where(keep, y, PLACEHOLDER), keep
+
+
+@pytest.mark.parametrize("how", ["poutine", "distribution", "obs_mask"])
+def test_masked_rows_are_not_data(data, how):
+    x, y, keep = masked_data(data)
+    # The posterior of the masked model is the posterior given the kept rows alone.
+    draws = posterior_draws(x[keep], y[keep], 2000, seed=0)
+    site = "y"
+    if how == "obs_mask":
+        site = "y_observed"
+        noise = torch.randn(2000, int((~keep).sum()), generator=torch.Generator().manual_seed(1),
+                            dtype=x.dtype)  # fmt: skip
+        draws["y_unobserved"] = torch.zeros(2000, len(y), dtype=x.dtype)
+        draws["y_unobserved"][:, ~keep] = draws["w"] @ x[~keep].T + NOISE * noise
+    tree = from_pyro(draws, masked_regression, (x, y, keep, how), num_chains=4,
+                     dims={site: ["obs"]})  # fmt: skip
+    loo = arviz_stats.loo(tree, var_name=site, pointwise=True)
+
+    # The same draws, scored by the model fitted to the kept rows only (masks play no part).
+    # All draws go in, y_unobserved too: loo's relative efficiency reads the posterior group.
+    reference = arviz_stats.loo(from_pyro(draws, regression, (x[keep], y[keep]), num_chains=4))
+    assert loo.n_data_points == int(keep.sum()) == 35
+    assert loo.elpd == pytest.approx(reference.elpd, rel=1e-12)
+    assert loo.se == pytest.approx(reference.se, rel=1e-9)
+    # And the exact leave-one-out of the kept rows (refits, no sampling) within PSIS error
+    # (0.04 measured): one row more or less would move it by about 0.8, a placeholder by 1e6.
+    assert abs(loo.elpd - exact_loo(x[keep], y[keep]).sum().item()) < 0.1
+    # The kept entries keep their labels, in log_likelihood and observed_data alike.
+    kept_rows = keep.nonzero()[:, 0].tolist()
+    assert loo.elpd_i.coords["obs"].values.tolist() == kept_rows
+    assert tree["observed_data"][site].coords["obs"].values.tolist() == kept_rows
+    torch.testing.assert_close(torch.as_tensor(tree["observed_data"][site].values), y[keep])
+    # log_likelihood() itself marks the masked-out entries NaN, never 0.
+    pointwise = log_likelihood(masked_regression, {k: v[:3] for k, v in draws.items()}, x, y,
+                               keep, how)[site]  # fmt: skip
+    assert (pointwise.isnan() == ~keep).all()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_compare_with_masked_rows(data):
+    x, y, keep = masked_data(data)
+    full = from_pyro(posterior_draws(x[keep], y[keep], 1000, 0), masked_regression, (x, y, keep))
+    reduced = from_pyro(
+        posterior_draws(x[keep][:, :1], y[keep], 1000, 1), masked_regression, (x[:, :1], y, keep)
+    )
+    table = arviz_stats.compare({"one feature": reduced, "all features": full})
+    assert list(table.index) == ["all features", "one feature"]
+    assert table.loc["all features", "elpd"] == pytest.approx(
+        exact_loo(x[keep], y[keep]).sum().item(), abs=0.2
+    )
+
+
+def test_scattered_masked_entries_are_flattened():
+    # Two noisy measurements per row of the same linear predictor; single entries are missing.
+    x, y = small_data()
+    repeat = y + NOISE * torch.randn(len(y), generator=torch.Generator().manual_seed(3))
+    y2 = torch.stack([y, repeat], -1)
+    keep = torch.ones_like(y2, dtype=torch.bool)
+    keep[[1, 4, 4, 9], [0, 0, 1, 1]] = False  # row 4 entirely, rows 1 and 9 partly
+
+    def model(x, y, keep):
+        w = pyro.sample("w", dist.Normal(0.0, PRIOR).expand([x.shape[-1]]).to_event(1))
+        with pyro.plate("repeat", 2, dim=-1), pyro.plate("data", len(y), dim=-2):
+            with pyro.poutine.mask(mask=keep):
+                pyro.sample("y", dist.Normal((x @ w).unsqueeze(-1), NOISE), obs=y)
+
+    rows, columns = keep.nonzero(as_tuple=True)
+    draws = posterior_draws(x[rows].double(), y2[rows, columns].double(), 2000, seed=0)
+    draws = {"w": draws["w"].float()}
+    tree = from_pyro(draws, model, (x, torch.where(keep, y2, PLACEHOLDER), keep), num_chains=2)
+    log_lik = tree["log_likelihood"]["y"]
+    assert log_lik.dims == ("chain", "draw", "y_kept")
+    assert log_lik.coords["y_dim_0"].values.tolist() == rows.tolist()
+    assert log_lik.coords["y_dim_1"].values.tolist() == columns.tolist()
+    assert tree["observed_data"]["y"].coords["y_dim_0"].values.tolist() == rows.tolist()
+    torch.testing.assert_close(torch.as_tensor(tree["observed_data"]["y"].values), y2[keep])
+    # Each kept entry is one observation: the same as a 1-d regression on the kept entries.
+    loo = arviz_stats.loo(tree)
+    reference = arviz_stats.loo(from_pyro(draws, regression, (x[rows], y2[rows, columns]),
+                                          num_chains=2))  # fmt: skip
+    assert loo.n_data_points == len(rows) == 26
+    assert loo.elpd == pytest.approx(reference.elpd, rel=1e-6)
+
+
+def test_partly_masked_events_and_wholly_masked_sites():
+    x, y = small_data()
+    event_keep = torch.ones(len(y), 2, dtype=torch.bool)
+    event_keep[2, 0] = False  # half of row 2 hidden: still data (its visible half)
+    event_keep[5] = False  # all of row 5 hidden
+
+    def model(x, y):
+        w = pyro.sample("w", dist.Normal(0.0, PRIOR).expand([x.shape[-1]]).to_event(1))
+        with pyro.plate("data", len(y)):
+            loc = (x @ w).unsqueeze(-1).expand(-1, 2)
+            pyro.sample("pair", dist.Normal(loc, NOISE).mask(event_keep).to_event(1),
+                        obs=torch.stack([y, y], -1))  # fmt: skip
+            pyro.sample("ignored", dist.Normal(x @ w, NOISE).mask(False), obs=y)
+
+    draws = {"w": torch.randn(6, 2)}
+    pointwise = log_likelihood(model, draws, x, y)
+    assert pointwise["ignored"].isnan().all()
+    assert pointwise["pair"][:, 5].isnan().all()
+    assert not pointwise["pair"][:, torch.arange(len(y)) != 5].isnan().any()
+    visible = dist.Normal(draws["w"] @ x[2], NOISE).log_prob(y[2])
+    torch.testing.assert_close(pointwise["pair"][:, 2], visible)
+    tree = from_pyro(draws, model, (x, y))
+    assert set(tree["log_likelihood"].data_vars) == {"pair"}
+    assert set(tree["observed_data"].data_vars) == {"pair"}
+    assert 5 not in tree["log_likelihood"]["pair"].coords["pair_dim_0"].values
+
+
+def test_masks_that_are_not_fixed_data_are_refused(data):
+    x, y, keep = masked_data(data)
+
+    def draw_dependent(x, y):
+        w = pyro.sample("w", dist.Normal(0.0, PRIOR).expand([x.shape[-1]]).to_event(1))
+        with pyro.plate("data", len(y)), pyro.poutine.mask(mask=x @ w > 0):
+            pyro.sample("y", dist.Normal(x @ w, NOISE), obs=y)
+
+    with pytest.raises(ValueError, match="depends on the posterior draw"):
+        # Prior draws: w and -w mask out complementary rows.
+        w = torch.randn(3, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+        log_likelihood(draw_dependent, {"w": torch.stack([w, -w])}, x, y)
+
+    def all_masked(x, y):
+        masked_regression(x, y, torch.zeros(len(y), dtype=torch.bool))
+
+    with pytest.raises(ValueError, match="every observation"):
+        from_pyro(posterior_draws(x, y, 4, 0), all_masked, (x, y))
+
+    def two_sites(x, y):
+        w = pyro.sample("w", dist.Normal(0.0, PRIOR).expand([x.shape[-1]]).to_event(1))
+        with pyro.plate("data", len(y)):
+            pyro.sample("a", dist.Normal(x @ w, NOISE).mask(keep), obs=y)
+            pyro.sample("b", dist.Normal(x @ w, NOISE), obs=y)
+
+    with pytest.raises(ValueError, match="its own dims"):
+        from_pyro(posterior_draws(x, y, 4, 0), two_sites, (x, y), dims={"a": ["obs"], "b": ["obs"]})
+    # With their own dims they are fine.
+    tree = from_pyro(posterior_draws(x, y, 4, 0), two_sites, (x, y))
+    assert tree["log_likelihood"]["a"].sizes["a_dim_0"] == 35
+    assert tree["log_likelihood"]["b"].sizes["b_dim_0"] == 40
+
+
+def test_kept_mask_is_created_on_the_log_prob_device():
+    # The meta device stands in for CUDA: a tensor made on the CPU regardless would show here.
+    from pyro_mpt.inference_data import _kept
+
+    loc = torch.zeros(5, 2, device="meta")
+    with pyro.validation_enabled(False):
+        fn = dist.Normal(loc, 1.0).mask(torch.ones(5, 2, dtype=torch.bool, device="meta"))
+        fn = fn.to_event(1)
+        log_prob = fn.log_prob(loc)
+    site = {"fn": fn, "mask": False}
+    kept = _kept(site, log_prob)
+    assert kept.device.type == "meta" and kept.shape == (5,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_masked_model_on_cuda(data):
+    x, y, keep = masked_data(data)
+    draws = posterior_draws(x[keep], y[keep], 500, seed=0)
+    cpu = from_pyro(draws, masked_regression, (x, y, keep))
+    on_cuda = {name: value.cuda() for name, value in draws.items()}
+    cuda = from_pyro(on_cuda, masked_regression, (x.cuda(), y.cuda(), keep.cuda()))
+    assert cuda["log_likelihood"]["y"].sizes == cpu["log_likelihood"]["y"].sizes
+    assert arviz_stats.loo(cuda).elpd == pytest.approx(arviz_stats.loo(cpu).elpd, abs=1e-8)

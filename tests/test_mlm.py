@@ -14,7 +14,7 @@ transformers = pytest.importorskip(
 pytest.importorskip("tokenizers", reason="pyro_mpt.mlm needs the optional extra 'pyro_mpt[mlm]'")
 
 from pyro_mpt.masks import Cumulative, Exhaustive  # noqa: E402
-from pyro_mpt.mlm import mlm_curve, mlm_score, train_wordpiece_tokenizer  # noqa: E402
+from pyro_mpt.mlm import MLMCurve, mlm_curve, mlm_score, train_wordpiece_tokenizer  # noqa: E402
 
 SENTENCES = [
     "the cat sat on the mat",
@@ -200,6 +200,45 @@ def test_special_tokens_and_padding_are_never_masked(model, tokenizer):
     assert (ids[inner] == tokenizer.mask_token_id).all()
 
 
+def test_special_tokens_typed_in_the_text_are_context_not_scored(model, tokenizer):
+    # The characters "[MASK]" and "[SEP]" in a text are parsed to the special ids, but the
+    # tokenizer's special_tokens_mask flags only the [CLS] and [SEP] it added itself.
+    text = "the cat [MASK] on the [SEP] mat"
+    ids = tokenizer(text)["input_ids"]
+    tokens = ["[CLS]", "the", "cat", "[MASK]", "on", "the", "[SEP]", "mat", "[SEP]"]
+    assert tokenizer.convert_ids_to_tokens(ids) == tokens
+    content = [1, 2, 4, 5, 7]  # positions of the, cat, on, the, mat
+
+    def hidden(positions):
+        """sum over the hidden positions of log p(x_j | rest), rest including [MASK] and [SEP]."""
+        masked = torch.tensor(ids)
+        masked[positions] = tokenizer.mask_token_id
+        with torch.no_grad():
+            log_probs = model(input_ids=masked[None]).logits[0].log_softmax(-1)
+        return log_probs[positions, torch.tensor(ids)[positions]].double().sum().item()
+
+    pll = sum(hidden([j]) for j in content)
+    exact = sum(
+        sum(hidden(list(subset)) / m for subset in itertools.combinations(content, m))
+        / math.comb(len(content), m)
+        for m in range(1, len(content) + 1)
+    )
+    score = mlm_score(model, tokenizer, [text], masks=Exhaustive(), progress=False)
+    assert score.num_tokens.tolist() == [5]
+    assert score.pseudo_log_likelihood.item() == pytest.approx(pll, abs=1e-5)
+    assert score.log_prob.mean.item() == pytest.approx(exact, abs=1e-5)
+    curve = mlm_curve(model, tokenizer, [text], rates=[0.2], masks_per_rate=5, progress=False)
+    assert curve.num_tokens.tolist() == [5]
+    assert curve.mean[0, 0].item() == pytest.approx(pll / 5, abs=1e-5)
+    # [UNK] (an unknown word) is special too, as in Hugging Face's masked-LM data collator; a
+    # text of special tokens only has nothing to score.
+    assert tokenizer.tokenize("the zebra cat") == ["the", "[UNK]", "cat"]
+    unknown = mlm_curve(model, tokenizer, ["the zebra cat"], rates=[1.0], progress=False)
+    assert unknown.num_tokens.tolist() == [2]
+    with pytest.raises(ValueError, match="special tokens only"):
+        mlm_score(model, tokenizer, ["[MASK] [SEP]"], progress=False)
+
+
 def test_bad_input_is_refused(model, tokenizer):
     with pytest.raises(ValueError, match=r"texts\[1\] has no tokens to score"):
         mlm_curve(model, tokenizer, ["the cat", ""], progress=False)
@@ -232,6 +271,52 @@ def test_bad_input_is_refused(model, tokenizer):
     small.config.vocab_size = 10
     with pytest.raises(ValueError, match="does not belong to this model"):
         mlm_curve(small, big, ["the zebra"], progress=False)
+
+
+def test_curve_helpers_make_their_tensors_on_the_input_device():
+    # A tensor made without device= lands on the default device. Make that "meta": one made
+    # there regardless of the input's device (CPU here; CUDA for a GPU user) shows up.
+    curve = MLMCurve(
+        rates=torch.tensor([0.1, 0.3, 0.5]), sizes=torch.tensor([[1], [1], [2]]),
+        mean=torch.tensor([[-1.0], [-1.0], [-3.0]]), stderr=torch.zeros(3, 1),
+        num_tokens=torch.tensor([4]),
+    )  # fmt: skip
+    with torch.device("meta"):
+        per_text = curve.per_text(0)
+    assert per_text.sizes.device.type == per_text.mean.device.type == "cpu"
+    assert per_text.sizes.tolist() == [1, 2]
+    assert per_text.mean.tolist() == [-1.0, -3.0]
+
+
+def test_a_generator_off_the_cpu_is_refused_clearly(model, tokenizer):
+    class CudaGenerator:  # what torch.Generator(device="cuda") reports, on machines without one
+        device = torch.device("cuda", 0)
+
+    for score in (mlm_curve, mlm_score):
+        with pytest.raises(ValueError, match="CPU torch.Generator"):
+            score(model, tokenizer, SENTENCES, generator=CudaGenerator(), progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_model_on_cuda_scores_as_on_cpu(tokenizer):
+    model = tiny_bert(tokenizer, initializer_range=0.2)
+
+    def scores(model):
+        curve = mlm_curve(model, tokenizer, SENTENCES, rates=[0.2, 0.9], masks_per_rate=3,
+                          generator=torch.Generator().manual_seed(0), progress=False)
+        score = mlm_score(model, tokenizer, SENTENCES, num_masks=3,
+                          generator=torch.Generator().manual_seed(0), progress=False)
+        return curve, score  # fmt: skip
+
+    cpu_curve, cpu_score = scores(model)
+    cuda_curve, cuda_score = scores(model.cuda())
+    torch.testing.assert_close(cuda_curve.mean, cpu_curve.mean, atol=1e-4, rtol=0)
+    torch.testing.assert_close(cuda_curve.per_text(0).mean, cpu_curve.per_text(0).mean,
+                               atol=1e-4, rtol=0)  # fmt: skip
+    torch.testing.assert_close(cuda_score.pseudo_log_likelihood, cpu_score.pseudo_log_likelihood,
+                               atol=1e-3, rtol=0)  # fmt: skip
+    torch.testing.assert_close(cuda_score.log_prob.mean, cpu_score.log_prob.mean, atol=1e-3,
+                               rtol=0)  # fmt: skip
 
 
 def test_module_imports_without_transformers_and_names_the_extra():
