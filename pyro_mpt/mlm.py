@@ -63,7 +63,14 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from .masks import Cumulative, MaskScheme, masks_of_sizes, size_for_rate
+from .masks import (
+    Cumulative,
+    MaskScheme,
+    _check_generator,
+    _check_positive_int,
+    masks_of_sizes,
+    size_for_rate,
+)
 from .scoring import MPTCurve, MPTEstimate, stratified_estimate
 
 __all__ = [
@@ -204,22 +211,6 @@ def _first_occurrences(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     first = torch.full((len(distinct),), len(values), dtype=torch.long, device=values.device)
     positions = torch.arange(len(values), device=values.device)
     return distinct, first.scatter_reduce(0, inverse, positions, reduce="amin")
-
-
-def _check_generator(generator) -> None:
-    """Masks index the tokens of a text, which live on the CPU whatever the model's device, and
-    :mod:`~pyro_mpt.masks` draws them there: a CUDA generator would fail deep inside torch."""
-    device = getattr(generator, "device", None)
-    if device is not None and torch.device(device).type != "cpu":
-        raise ValueError(
-            "generator must be a CPU torch.Generator (masks are drawn on the CPU, whatever the "
-            f"model's device), got one on {device}"
-        )
-
-
-def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_model(model) -> None:
