@@ -1,11 +1,31 @@
 r"""Shared machinery of the masked objectives for exact GPs.
 
 For an exact GP with a Gaussian likelihood the targets are jointly Gaussian,
-:math:`\mathbf y \sim \mathcal N(\boldsymbol\mu, \mathbf K + \boldsymbol\Sigma_\text{noise})`,
-so each masked observation has an exact predictive :math:`p(y_j \mid \mathbf y_R)` given the
-unmasked ones. All masks of a call share one Cholesky factor of the covariance (taken from the
-likelihood's ``linear_operator``, so GPyTorch's jitter settings apply); the conditioning itself is
+:math:`\mathbf y \sim \mathcal N(\boldsymbol\mu, \boldsymbol\Sigma)` with
+:math:`\boldsymbol\Sigma = \mathbf K + \boldsymbol\Sigma_\text{noise}`, so each masked observation
+has an exact predictive :math:`p(y_j \mid \mathbf y_R)` given the unmasked ones. All masks of a call
+share one Cholesky factor :math:`\mathbf L` of the covariance, computed by the likelihood's
+``linear_operator`` exactly as :class:`gpytorch.mlls.ExactMarginalLogLikelihood` and
+:class:`gpytorch.mlls.LeaveOneOutPseudoLikelihood` compute it; the conditioning itself is
 :func:`pyro_mpt.gaussian.full_rank_conditionals`, the same code the Pyro objectives use.
+
+**Jitter.** When the first factorisation fails, ``linear_operator``'s ``psd_safe_cholesky`` retries
+with growing jitter on the diagonal (``gpytorch.settings.cholesky_jitter``), so :math:`\mathbf L`
+factorises :math:`\boldsymbol\Sigma + \mathbf D`, not :math:`\boldsymbol\Sigma`. GPyTorch's own
+objectives then score that matrix, and so do these: they condition on
+
+.. math::
+
+    \tilde{\boldsymbol\Sigma} = \boldsymbol\Sigma + \mathbf D, \qquad
+    \mathbf D = \mathrm{diag}(\mathbf L \mathbf L^\top) - \mathrm{diag}(\boldsymbol\Sigma),
+
+which equals :math:`\mathbf L \mathbf L^\top` up to rounding (jitter only ever touches the
+diagonal) and costs :math:`O(n^2)`. :math:`\mathbf D` is a constant, as the jitter is in GPyTorch.
+
+**Size.** The factorisation is a dense Cholesky at every n (:math:`O(n^3)` time, :math:`O(n^2)`
+memory). Above ``gpytorch.settings.max_cholesky_size`` (800) ``ExactMarginalLogLikelihood``
+switches to a CG/Lanczos estimate; these objectives do not, so their reference there is
+``ExactMarginalLogLikelihood`` evaluated inside ``gpytorch.settings.max_cholesky_size(n)``.
 
 Multitask targets of shape ``(n, t)`` are flattened in the order of the covariance (interleaved or
 not), so the ``n t`` observations are the maskable dimensions and the scale is ``n t``, as in
@@ -22,7 +42,7 @@ from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNorm
 from gpytorch.likelihoods import _GaussianLikelihoodBase
 from gpytorch.mlls import ExactMarginalLogLikelihood
 from gpytorch.models import ExactGP
-from linear_operator.operators import MaskedLinearOperator
+from linear_operator.operators import LinearOperator, MaskedLinearOperator
 from torch import Tensor
 from torch.distributions import Normal
 
@@ -33,7 +53,10 @@ __all__ = ["MaskedExactMLL", "Observations"]
 
 
 class Observations(NamedTuple):
-    """The targets as one flat Gaussian vector: ``value ~ N(loc, covariance)``, last dim D."""
+    """The targets as one flat Gaussian vector: ``value ~ N(loc, covariance)``, last dim D.
+
+    ``scale_tril`` is the Cholesky factor of ``covariance`` (both include any jitter).
+    """
 
     loc: Tensor
     value: Tensor
@@ -197,8 +220,21 @@ def _observations(output: MultivariateNormal, target: Tensor) -> Observations:
             raise ValueError("target has no observed (non-NaN) entry")
         covariance = MaskedLinearOperator(covariance, observed, observed)
         value, loc = value[..., observed], loc[..., observed]
+    return Observations(loc, value, *_factorise(covariance))
+
+
+def _factorise(covariance: LinearOperator) -> tuple[Tensor, Tensor]:
+    """The dense matrix GPyTorch factorises, jitter included, and its lower Cholesky factor.
+
+    The factor comes from the operator itself, as in GPyTorch's MLLs (same jitter settings, same
+    warnings). Only the diagonal can differ from ``covariance``: set it to diag(L Lᵀ).
+    """
     scale_tril = covariance.cholesky(upper=False).to_dense()
-    return Observations(loc, value, covariance.to_dense(), scale_tril)
+    dense = covariance.to_dense()
+    # Zero unless psd_safe_cholesky added jitter (then the jitter, up to rounding). Detached: to
+    # GPyTorch jitter is a constant, and its gradient through the factor would be rounding noise.
+    jitter = scale_tril.pow(2).sum(-1) - dense.diagonal(dim1=-2, dim2=-1)
+    return dense + torch.diag_embed(jitter.detach()), scale_tril
 
 
 def _flatten(output: MultivariateNormal, tensor: Tensor) -> Tensor:

@@ -43,7 +43,10 @@ class LeavePOutPseudoLikelihood(MaskedExactMLL):
     Shares one Cholesky factor of :math:`\mathbf K + \sigma^2 \mathbf I` across the
     :math:`\lfloor n/p \rfloor` folds of a call; each fold then costs
     :math:`O(\min(p, n - p)^3)`. With ``rate`` at most ``1/n`` this is leave-one-out and
-    deterministic; otherwise the folds are random (seed them with ``generator``).
+    deterministic and equals :class:`gpytorch.mlls.LeaveOneOutPseudoLikelihood` at every n: both
+    use GPyTorch's Cholesky factor, jitter included, and neither switches to CG/Lanczos above
+    ``gpytorch.settings.max_cholesky_size``. Otherwise the folds are random (seed them with
+    ``generator``).
 
     Args:
         likelihood: a Gaussian likelihood.
