@@ -370,3 +370,18 @@ def test_mask_weights_are_exact_in_the_requested_dtype():
     assert torch.equal(draw.weights, expected)
     assert Exhaustive().sample(3).weights.dtype == torch.get_default_dtype()
     assert isinstance(MaskedPretrainingMLL(*make_gp(5)[2:]), gpytorch.mlls.MarginalLogLikelihood)
+
+
+@pytest.mark.parametrize("rate", [None, 1 / 6, 0.5])
+def test_masks_are_drawn_for_the_targets_device(rate):
+    # CUDA targets need CUDA masks and weights; the meta device checks the plumbing on any machine.
+    _, _, lik, model = make_gp(6)
+    generator = torch.Generator().manual_seed(0)
+    if rate is None:
+        mll = MaskedPretrainingMLL(lik, model, generator=generator)
+    else:
+        mll = LeavePOutPseudoLikelihood(lik, model, rate=rate, generator=generator)
+    meta = torch.device("meta")
+    draw = mll.draw_masks(6, torch.Size([2]), torch.float32, meta)
+    assert [t.device for t in draw[:3]] == [meta] * 3
+    assert draw.masks.shape[1:] == (2, 6) and draw.weights.dtype == torch.float32

@@ -97,9 +97,14 @@ class MaskedExactMLL(ExactMarginalLogLikelihood):
         self.generator = generator
 
     def draw_masks(
-        self, event_size: int, batch_shape: torch.Size, dtype: torch.dtype
+        self,
+        event_size: int,
+        batch_shape: torch.Size,
+        dtype: torch.dtype,
+        device: torch.device | None = None,
     ) -> MaskSample:
-        """Masks ``(S, *batch_shape, D)`` and weights ``(S, *batch_shape)`` for one call."""
+        """Masks ``(S, *batch_shape, D)`` and weights ``(S, *batch_shape)`` for one call, on
+        ``device``, the weights of floating ``dtype``."""
         raise NotImplementedError
 
     def conditionals(
@@ -129,6 +134,8 @@ class MaskedExactMLL(ExactMarginalLogLikelihood):
             raise ValueError("target contains NaN; conditionals needs complete observations")
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise TypeError("mask must be a boolean torch.Tensor (True = held out)")
+        if mask.device != target.device:
+            raise ValueError(f"mask is on {mask.device}, target on {target.device}")
         if mask.shape[mask.dim() - target.dim() :] != target.shape:
             raise ValueError(
                 f"mask must end with the target's shape {tuple(target.shape)}, "
@@ -156,10 +163,11 @@ class MaskedExactMLL(ExactMarginalLogLikelihood):
         _check_function_dist(function_dist)
         output = self.likelihood(function_dist, *params, **kwargs)
         observations = _observations(output, target)
+        value = observations.value
         draw = self.draw_masks(
-            observations.size, observations.batch_shape, observations.value.dtype
+            observations.size, observations.batch_shape, value.dtype, value.device
         )
-        masks = draw.masks.to(observations.value.device)
+        masks = draw.masks
         mean, var = _conditionals(observations, masks)
         log_prob = Normal(mean, torch.where(masks, var, 1.0).sqrt()).log_prob(observations.value)
         masked_sum = torch.where(masks, log_prob, 0.0).sum(-1)

@@ -105,6 +105,16 @@ class MaskedPretrainingMLL(MaskedExactMLL):
         self.num_masks = num_masks
 
     def draw_masks(
-        self, event_size: int, batch_shape: torch.Size, dtype: torch.dtype
+        self,
+        event_size: int,
+        batch_shape: torch.Size,
+        dtype: torch.dtype,
+        device: torch.device | None = None,
     ) -> MaskSample:
-        return self.masks.sample(event_size, batch_shape, self.num_masks, self.generator, dtype)
+        draw = self.masks.sample(event_size, batch_shape, self.num_masks, self.generator, dtype)
+        # Mask schemes draw on the CPU (where a seeded generator lives): one copy to the device.
+        return draw._replace(
+            masks=draw.masks.to(device),
+            weights=draw.weights.to(device),
+            strata=draw.strata.to(device),
+        )
