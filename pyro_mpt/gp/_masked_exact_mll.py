@@ -130,7 +130,9 @@ class MaskedExactMLL(ExactMarginalLogLikelihood):
                 # mean[i, i], var[i, i]: the prediction of y[i] from every other observation
         """
         _check_function_dist(function_dist)
-        if isinstance(target, Tensor) and bool(torch.isnan(target).any()):
+        output = self.likelihood(function_dist, *params, **kwargs)
+        _check_target(output, target)
+        if bool(torch.isnan(target).any()):
             raise ValueError("target contains NaN; conditionals needs complete observations")
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise TypeError("mask must be a boolean torch.Tensor (True = held out)")
@@ -141,12 +143,10 @@ class MaskedExactMLL(ExactMarginalLogLikelihood):
                 f"mask must end with the target's shape {tuple(target.shape)}, "
                 f"got {tuple(mask.shape)}"
             )
-        output = self.likelihood(function_dist, *params, **kwargs)
-        observations = _observations(output, target)
         flat_mask = _flatten(output, mask)
         if not bool(flat_mask.any(-1).all()):
             raise ValueError("mask must hold out at least one observation in every row")
-        mean, var = _conditionals(observations, flat_mask)
+        mean, var = _conditionals(_observations(output, target), flat_mask)
         return _unflatten(output, mean), _unflatten(output, var)
 
     def forward(self, function_dist: MultivariateNormal, target: Tensor, *params, **kwargs):
@@ -199,13 +199,7 @@ def _conditionals(observations: Observations, mask: Tensor) -> tuple[Tensor, Ten
 
 def _observations(output: MultivariateNormal, target: Tensor) -> Observations:
     """Flatten ``likelihood(function_dist)`` and the target, dropping NaN targets if asked to."""
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.shape[target.dim() - len(output.event_shape) :] != output.event_shape:
-        raise ValueError(
-            f"target must end with the output's event shape {tuple(output.event_shape)}, "
-            f"got {tuple(target.shape)}"
-        )
+    _check_target(output, target)
     covariance = output.lazy_covariance_matrix
     value = _flatten(output, target)
     loc = output.loc
@@ -243,6 +237,30 @@ def _factorise(covariance: LinearOperator) -> tuple[Tensor, Tensor]:
     # GPyTorch jitter is a constant, and its gradient through the factor would be rounding noise.
     jitter = scale_tril.pow(2).sum(-1) - dense.diagonal(dim1=-2, dim2=-1)
     return dense + torch.diag_embed(jitter.detach()), scale_tril
+
+
+def _check_target(output: MultivariateNormal, target) -> None:
+    """What ``output.log_prob(target)`` needs, as errors that name ``target``."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    event_shape = output.event_shape
+    if target.shape[target.dim() - len(event_shape) :] != event_shape:
+        raise ValueError(
+            f"target must end with the output's event shape {tuple(event_shape)}, "
+            f"got {tuple(target.shape)}"
+        )
+    try:
+        torch.broadcast_shapes(target.shape, output.batch_shape + event_shape)
+    except RuntimeError:
+        raise ValueError(
+            f"target of shape {tuple(target.shape)} does not broadcast against the output's "
+            f"batch shape {tuple(output.batch_shape)}"
+        ) from None
+    loc = output.loc
+    if target.dtype != loc.dtype:
+        raise TypeError(f"target must have the model's dtype {loc.dtype}, got {target.dtype}")
+    if target.device != loc.device:
+        raise ValueError(f"target must be on the model's device {loc.device}, got {target.device}")
 
 
 def _flatten(output: MultivariateNormal, tensor: Tensor) -> Tensor:
