@@ -1,11 +1,24 @@
 r"""Shared machinery of the masked objectives for exact GPs.
 
 For an exact GP with a Gaussian likelihood the targets are jointly Gaussian,
-:math:`\mathbf y \sim \mathcal N(\boldsymbol\mu, \mathbf K + \boldsymbol\Sigma_\text{noise})`,
-so each masked observation has an exact predictive :math:`p(y_j \mid \mathbf y_R)` given the
-unmasked ones. All masks of a call share one Cholesky factor of the covariance (taken from the
-likelihood's ``linear_operator``, so GPyTorch's jitter settings apply); the conditioning itself is
+:math:`\mathbf y \sim \mathcal N(\boldsymbol\mu, \boldsymbol\Sigma)` with
+:math:`\boldsymbol\Sigma = \mathbf K + \boldsymbol\Sigma_\text{noise}`, so each masked observation
+has an exact predictive :math:`p(y_j \mid \mathbf y_R)` given the unmasked ones. All masks of a call
+share one Cholesky factor :math:`\mathbf L` of the covariance, computed by the likelihood's
+``linear_operator`` exactly as :class:`gpytorch.mlls.ExactMarginalLogLikelihood` and
+:class:`gpytorch.mlls.LeaveOneOutPseudoLikelihood` compute it; the conditioning itself is
 :func:`pyro_mpt.gaussian.full_rank_conditionals`, the same code the Pyro objectives use.
+
+**Jitter.** When the first factorisation fails, ``linear_operator``'s ``psd_safe_cholesky`` retries
+with growing jitter on the diagonal (``gpytorch.settings.cholesky_jitter``), so :math:`\mathbf L`
+factorises :math:`\boldsymbol\Sigma + \mathbf D`, not :math:`\boldsymbol\Sigma`. GPyTorch's own
+objectives then score that matrix, and so do these: the conditionals are computed from
+:math:`\mathbf L` alone, i.e. they condition on :math:`\mathbf L \mathbf L^\top`.
+
+**Size.** The factorisation is a dense Cholesky at every n (:math:`O(n^3)` time, :math:`O(n^2)`
+memory). Above ``gpytorch.settings.max_cholesky_size`` (800) ``ExactMarginalLogLikelihood``
+switches to a CG/Lanczos estimate; these objectives do not, so their reference there is
+``ExactMarginalLogLikelihood`` evaluated inside ``gpytorch.settings.max_cholesky_size(n)``.
 
 Multitask targets of shape ``(n, t)`` are flattened in the order of the covariance (interleaved or
 not), so the ``n t`` observations are the maskable dimensions and the scale is ``n t``, as in
@@ -32,7 +45,8 @@ __all__ = ["MaskedExactMLL", "Observations"]
 
 
 class Observations(NamedTuple):
-    """The targets as one flat Gaussian vector: ``value ~ N(loc, scale_tril scale_tril^T)``."""
+    """The targets as one flat Gaussian vector, ``value ~ N(loc, scale_tril scale_tril^T)``:
+    the factor GPyTorch computed, jitter included."""
 
     loc: Tensor
     value: Tensor
@@ -72,9 +86,14 @@ class MaskedExactMLL(ExactMarginalLogLikelihood):
         self.generator = generator
 
     def draw_masks(
-        self, event_size: int, batch_shape: torch.Size, dtype: torch.dtype
+        self,
+        event_size: int,
+        batch_shape: torch.Size,
+        dtype: torch.dtype,
+        device: torch.device | None = None,
     ) -> MaskSample:
-        """Masks ``(S, *batch_shape, D)`` and weights ``(S, *batch_shape)`` for one call."""
+        """Masks ``(S, *batch_shape, D)`` and weights ``(S, *batch_shape)`` for one call, on
+        ``device``, the weights of floating ``dtype``."""
         raise NotImplementedError
 
     def conditionals(
@@ -100,20 +119,23 @@ class MaskedExactMLL(ExactMarginalLogLikelihood):
                 # mean[i, i], var[i, i]: the prediction of y[i] from every other observation
         """
         _check_function_dist(function_dist)
-        if isinstance(target, Tensor) and bool(torch.isnan(target).any()):
+        output = self.likelihood(function_dist, *params, **kwargs)
+        _check_target(output, target)
+        if bool(torch.isnan(target).any()):
             raise ValueError("target contains NaN; conditionals needs complete observations")
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise TypeError("mask must be a boolean torch.Tensor (True = held out)")
+        if mask.device != target.device:
+            raise ValueError(f"mask is on {mask.device}, target on {target.device}")
         if mask.shape[mask.dim() - target.dim() :] != target.shape:
             raise ValueError(
                 f"mask must end with the target's shape {tuple(target.shape)}, "
                 f"got {tuple(mask.shape)}"
             )
-        output = self.likelihood(function_dist, *params, **kwargs)
-        observations = _observations(output, target)
         flat_mask = _flatten(output, mask)
         if not bool(flat_mask.any(-1).all()):
             raise ValueError("mask must hold out at least one observation in every row")
+        observations = _observations(output, target)
         deviation, var = _conditionals(observations, flat_mask)
         return _unflatten(output, observations.value - deviation), _unflatten(output, var)
 
@@ -131,11 +153,11 @@ class MaskedExactMLL(ExactMarginalLogLikelihood):
         _check_function_dist(function_dist)
         output = self.likelihood(function_dist, *params, **kwargs)
         observations = _observations(output, target)
+        value = observations.value
         draw = self.draw_masks(
-            observations.size, observations.batch_shape, observations.value.dtype
+            observations.size, observations.batch_shape, value.dtype, value.device
         )
-        masks = draw.masks.to(observations.value.device)
-        log_prob = normal_log_prob(*_conditionals(observations, masks), masks)
+        log_prob = normal_log_prob(*_conditionals(observations, draw.masks), draw.masks)
         res = draw.weighted_sums(log_prob).sum(0)
         res = self._add_other_terms(res, params)
 
@@ -165,13 +187,8 @@ def _conditionals(observations: Observations, mask: Tensor) -> tuple[Tensor, Ten
 
 def _observations(output: MultivariateNormal, target: Tensor) -> Observations:
     """Flatten ``likelihood(function_dist)`` and the target, dropping NaN targets if asked to."""
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.shape[target.dim() - len(output.event_shape) :] != output.event_shape:
-        raise ValueError(
-            f"target must end with the output's event shape {tuple(output.event_shape)}, "
-            f"got {tuple(target.shape)}"
-        )
+    _check_target(output, target)
+    target = target.to(output.loc.dtype)  # integer targets, promoted as log_prob does
     covariance = output.lazy_covariance_matrix
     value = _flatten(output, target)
     loc = output.loc
@@ -194,8 +211,32 @@ def _observations(output: MultivariateNormal, target: Tensor) -> Observations:
             raise ValueError("target has no observed (non-NaN) entry")
         covariance = MaskedLinearOperator(covariance, observed, observed)
         value, loc = value[..., observed], loc[..., observed]
-    scale_tril = covariance.cholesky(upper=False).to_dense()
-    return Observations(loc, value, scale_tril)
+    # GPyTorch's own factor (its jitter settings, warnings and cache): the matrix conditioned on.
+    return Observations(loc, value, covariance.cholesky(upper=False).to_dense())
+
+
+def _check_target(output: MultivariateNormal, target) -> None:
+    """What ``output.log_prob(target)`` needs, as errors that name ``target``."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    event_shape = output.event_shape
+    if target.shape[target.dim() - len(event_shape) :] != event_shape:
+        raise ValueError(
+            f"target must end with the output's event shape {tuple(event_shape)}, "
+            f"got {tuple(target.shape)}"
+        )
+    try:
+        torch.broadcast_shapes(target.shape, output.batch_shape + event_shape)
+    except RuntimeError:
+        raise ValueError(
+            f"target of shape {tuple(target.shape)} does not broadcast against the output's "
+            f"batch shape {tuple(output.batch_shape)}"
+        ) from None
+    loc = output.loc
+    if target.is_floating_point() and target.dtype != loc.dtype:
+        raise TypeError(f"target must have the model's dtype {loc.dtype}, got {target.dtype}")
+    if target.device != loc.device:
+        raise ValueError(f"target must be on the model's device {loc.device}, got {target.device}")
 
 
 def _flatten(output: MultivariateNormal, tensor: Tensor) -> Tensor:

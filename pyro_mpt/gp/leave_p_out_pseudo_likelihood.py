@@ -43,7 +43,10 @@ class LeavePOutPseudoLikelihood(MaskedExactMLL):
     Shares one Cholesky factor of :math:`\mathbf K + \sigma^2 \mathbf I` across the
     :math:`\lfloor n/p \rfloor` folds of a call; each fold then costs
     :math:`O(\min(p, n - p)^3)`. With ``rate`` at most ``1/n`` this is leave-one-out and
-    deterministic; otherwise the folds are random (seed them with ``generator``).
+    deterministic and equals :class:`gpytorch.mlls.LeaveOneOutPseudoLikelihood` at every n: both
+    use GPyTorch's Cholesky factor, jitter included, and neither switches to CG/Lanczos above
+    ``gpytorch.settings.max_cholesky_size``. Otherwise the folds are random (seed them with
+    ``generator``).
 
     Args:
         likelihood: a Gaussian likelihood.
@@ -76,11 +79,14 @@ class LeavePOutPseudoLikelihood(MaskedExactMLL):
         self.rate = float(rate)
 
     def draw_masks(
-        self, event_size: int, batch_shape: torch.Size, dtype: torch.dtype
+        self,
+        event_size: int,
+        batch_shape: torch.Size,
+        dtype: torch.dtype,
+        device: torch.device | None = None,
     ) -> MaskSample:
-        return fold_masks(
-            size_for_rate(self.rate, event_size), event_size, batch_shape, self.generator, dtype
-        )
+        size = size_for_rate(self.rate, event_size)
+        return fold_masks(size, event_size, batch_shape, self.generator, dtype, device)
 
 
 def fold_masks(
@@ -89,6 +95,7 @@ def fold_masks(
     batch_shape: Sequence[int] = (),
     generator: torch.Generator | None = None,
     dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> MaskSample:
     r"""Disjoint random masks of ``size`` dimensions each, covering all but ``D mod size`` of them.
 
@@ -96,19 +103,27 @@ def fold_masks(
     (F folds) the weighted masked sum is unbiased for :math:`D\,S(x; \text{size})`. Independent
     permutations per batch element; ``size == 1`` needs no randomness (every singleton).
 
+    The permutations are drawn on the generator's device (so a seeded CPU generator gives the same
+    folds whatever the target device), the result is built on ``device`` (default: the
+    generator's, else the CPU).
+
     Example:
         >>> fold_masks(2, 5).masks.sum(-1).tolist()
         [2, 2]
     """
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
     num_folds = event_size // size
     if size == 1:
-        ranks = torch.arange(event_size).expand(*batch_shape, event_size)
+        ranks = torch.arange(event_size, device=device).expand(*batch_shape, event_size)
     else:
-        noise = torch.rand(*batch_shape, event_size, generator=generator)
-        ranks = noise.argsort(-1).argsort(-1)
-    folds = torch.arange(num_folds).reshape(-1, *[1] * (len(batch_shape) + 1))
+        draw_device = generator.device if generator is not None else device
+        noise = torch.rand(*batch_shape, event_size, generator=generator, device=draw_device)
+        ranks = noise.argsort(-1).argsort(-1).to(device)
+    folds = torch.arange(num_folds, device=device).reshape(-1, *[1] * (len(batch_shape) + 1))
     masks = ranks.div(size, rounding_mode="floor") == folds
     weight = event_size / (num_folds * size)
-    weights = torch.full(masks.shape[:-1], weight, dtype=dtype or torch.get_default_dtype())
+    dtype = dtype or torch.get_default_dtype()
+    weights = torch.full(masks.shape[:-1], weight, dtype=dtype, device=device)
     # Folds of one permutation are exchangeable: one stratum.
-    return MaskSample(masks, weights, torch.zeros(num_folds, dtype=torch.long))
+    return MaskSample(masks, weights, torch.zeros(num_folds, dtype=torch.long, device=device))

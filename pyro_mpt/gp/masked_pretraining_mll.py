@@ -49,6 +49,14 @@ class MaskedPretrainingMLL(MaskedExactMLL):
     through the first few predictions. :class:`~pyro_mpt.masks.FixedRate` gives a single
     leave-p-out rate (a biased score: see :class:`LeavePOutPseudoLikelihood`).
 
+    Like ``ExactMarginalLogLikelihood`` it works from GPyTorch's Cholesky factor of
+    :math:`\mathbf K + \sigma^2 \mathbf I` and conditions on the matrix that was factorised,
+    jitter included, so it succeeds wherever that does and, with
+    :class:`~pyro_mpt.masks.Exhaustive` masks, equals it. Unlike it, it factorises at every n: above
+    ``gpytorch.settings.max_cholesky_size`` (800), where ``ExactMarginalLogLikelihood`` returns a
+    CG/Lanczos estimate, this estimates the Cholesky-exact MLL (``ExactMarginalLogLikelihood``
+    inside ``gpytorch.settings.max_cholesky_size(n)``), at :math:`O(n^3)` per call.
+
     Args:
         likelihood: a Gaussian likelihood (``GaussianLikelihood``, ``FixedNoiseGaussianLikelihood``,
             ``MultitaskGaussianLikelihood``).
@@ -97,6 +105,12 @@ class MaskedPretrainingMLL(MaskedExactMLL):
         self.num_masks = num_masks
 
     def draw_masks(
-        self, event_size: int, batch_shape: torch.Size, dtype: torch.dtype
+        self,
+        event_size: int,
+        batch_shape: torch.Size,
+        dtype: torch.dtype,
+        device: torch.device | None = None,
     ) -> MaskSample:
-        return self.masks.sample(event_size, batch_shape, self.num_masks, self.generator, dtype)
+        return self.masks.sample(
+            event_size, batch_shape, self.num_masks, self.generator, dtype, device
+        )
