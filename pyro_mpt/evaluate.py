@@ -28,6 +28,7 @@ import torch
 
 from .gaussian import event_size, masked_conditional_log_prob
 from .masks import FixedRate, MaskScheme, MPTEstimate, Stratified, size_for_rate
+from .threads import limited_threads
 
 __all__ = [
     "as_distribution",
@@ -188,7 +189,7 @@ def evaluate_model(
     _check_data(data, scores.size)
     size = data.shape[-1]
     masks = Stratified(2) if masks is None else masks
-    with torch.no_grad():
+    with torch.no_grad(), limited_threads():
         row: dict[str, float] = {"N": len(data), "D": size}
         row["exact_lml"] = scores.exact(data).mean().item()
         estimate = _estimate(scores, data, masks, num_masks, generator)

@@ -251,7 +251,10 @@ def mpt_dataset(
 
     Variables: ``score`` and ``score_se`` (:math:`S(x; m)`, dim ``mask_size`` plus any row dims,
     coordinate ``rate``), ``curve_area`` and ``curve_area_se`` (the sum over sizes), and
-    ``lml_estimate`` and ``lml_estimate_se`` (``estimate`` if given, else the curve's area).
+    ``lml_estimate`` and ``lml_estimate_se`` (``estimate`` if given, else the curve's area when
+    the curve holds every size). The attribute ``curve_area`` says which: the area of a curve on
+    a sparse grid of rates is interpolated, its interpolation error is not in ``curve_area_se``,
+    and it is not stored as an LML estimate.
 
     Example:
         >>> ds = mpt_dataset(estimate=MPTEstimate(torch.tensor(-3.0), torch.tensor(0.1)))
@@ -278,12 +281,22 @@ def mpt_dataset(
         area = curve.area()
         variables["curve_area"] = array(area.mean, None)
         variables["curve_area_se"] = array(area.stderr, None)
-        estimate = area if estimate is None else estimate
-    if not isinstance(estimate, MPTEstimate):
-        raise TypeError(f"estimate must be an MPTEstimate, got {type(estimate).__name__}")
-    variables["lml_estimate"] = array(estimate.mean, None)
-    variables["lml_estimate_se"] = array(estimate.stderr, None)
-    attrs = {"event_size": curve.event_size} if curve is not None else {}
+        attrs = {
+            "event_size": curve.event_size,
+            "curve_area": "sum over every mask size: an unbiased estimate of log p(x)"
+            if curve.complete
+            else f"interpolated from {len(curve.sizes)} of {curve.event_size} mask sizes: an "
+            "approximation whose interpolation error is not in curve_area_se",
+        }
+        if estimate is None and curve.complete:
+            estimate = area
+    else:
+        attrs = {}
+    if estimate is not None:
+        if not isinstance(estimate, MPTEstimate):
+            raise TypeError(f"estimate must be an MPTEstimate, got {type(estimate).__name__}")
+        variables["lml_estimate"] = array(estimate.mean, None)
+        variables["lml_estimate_se"] = array(estimate.stderr, None)
     return xr.Dataset(variables, coords=coords, attrs=attrs)
 
 

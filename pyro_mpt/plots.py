@@ -121,7 +121,8 @@ def plot_mpt_curve(
         area = curve.area()
         area_mean = area.mean.mean().item()
         area_se = area.stderr.pow(2).sum().sqrt().item() / max(1, area.stderr.numel())
-        text = f"{name}: area = {area_mean:.3f} ± {area_se:.3f}"
+        label = "area" if curve.complete else "interpolated area"
+        text = f"{name}: {label} = {area_mean:.3f} ± {area_se:.3f}"
         exact = lml.get(name) if isinstance(lml, Mapping) else lml
         if exact is not None:
             text += f", exact LML = {exact:.3f}"

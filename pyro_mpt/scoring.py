@@ -30,6 +30,7 @@ from .masks import (
     size_for_rate,
     stratified_estimate,
 )
+from .threads import limit_threads_in_backward, limited_threads
 
 __all__ = ["MPTEstimate", "MPTCurve", "mpt_score", "mpt_curve", "stratified_estimate"]
 
@@ -124,7 +125,9 @@ def mpt_score(
     value = as_value(dist, value)
     batch = batch_shape_of(dist, value)
     draw = masks.sample(event_size(dist), batch, num_masks, generator, value.dtype, value.device)
-    return draw.estimate(masked_conditional_log_prob(dist, value, draw.masks), reduction)
+    with limited_threads():
+        estimate = draw.estimate(masked_conditional_log_prob(dist, value, draw.masks), reduction)
+    return estimate._replace(mean=limit_threads_in_backward(estimate.mean))
 
 
 def mpt_curve(
@@ -177,8 +180,10 @@ def mpt_curve(
                        device=value.device),
             torch.zeros(masks_per_rate, dtype=torch.long, device=value.device),
         )
-        estimate = draw.estimate(masked_conditional_log_prob(dist, value, draw.masks), reduction)
-        means.append(estimate.mean)
+        with limited_threads():
+            log_prob = masked_conditional_log_prob(dist, value, draw.masks)
+            estimate = draw.estimate(log_prob, reduction)
+        means.append(limit_threads_in_backward(estimate.mean))
         stderrs.append(estimate.stderr)
     sizes_tensor = torch.tensor(sizes, device=value.device)
     return MPTCurve(

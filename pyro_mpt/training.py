@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .threads import limited_threads
+
 __all__ = ["FitResult", "fit", "fit_svi"]
 
 
@@ -73,23 +75,24 @@ def fit(
     result = FitResult()
     elapsed = 0.0
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
-    for step in bar:
-        start = time.perf_counter()
-        optimizer.zero_grad()
-        loss = loss_fn()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: the loss became {loss.item()} at step {step}")
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        elapsed += time.perf_counter() - start
-        result.losses.append(loss.item())
-        if track is not None and (step % track_every == 0 or step == steps - 1):
-            with torch.no_grad():
-                value = float(track())
-            result.tracked_steps.append(step)
-            result.tracked.append(value)
-            bar.set_postfix(loss=f"{loss.item():.4g}", tracked=f"{value:.4g}")
+    with limited_threads():  # the steps' forward and backward: see pyro_mpt.threads
+        for step in bar:
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            loss = loss_fn()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: the loss became {loss.item()} at step {step}")
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            elapsed += time.perf_counter() - start
+            result.losses.append(loss.item())
+            if track is not None and (step % track_every == 0 or step == steps - 1):
+                with torch.no_grad():
+                    value = float(track())
+                result.tracked_steps.append(step)
+                result.tracked.append(value)
+                bar.set_postfix(loss=f"{loss.item():.4g}", tracked=f"{value:.4g}")
     result.wall_time = elapsed
     return result
 

@@ -100,3 +100,22 @@ def test_exhaustive_enumerates_every_nonempty_mask_once():
 def test_bad_arguments_are_named(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("scheme", [Cumulative(), Stratified(2), Exhaustive(), FixedRate(0.5),
+                                    Cumulative(shared=True)])
+def test_draws_follow_the_requested_device_and_dtype(scheme):
+    """Masks, weights and strata were created on the CPU whatever the data's device."""
+    g = torch.Generator().manual_seed(0)
+    draw = scheme.sample(4, (3,), 2, generator=g, dtype=torch.float64, device="meta")
+    assert {draw.masks.device.type, draw.weights.device.type, draw.strata.device.type} == {"meta"}
+    assert draw.weights.dtype == torch.float64
+    # The masks do not depend on where they are sent: a CPU generator draws them on the CPU.
+    on_cpu = scheme.sample(4, (3,), 2, generator=torch.Generator().manual_seed(0))
+    again = scheme.sample(4, (3,), 2, generator=torch.Generator().manual_seed(0), device="cpu")
+    assert torch.equal(on_cpu.masks, again.masks)
+
+
+def test_weights_are_never_integers():
+    with pytest.raises(TypeError, match="floating dtype"):
+        Cumulative().sample(4, dtype=torch.long)

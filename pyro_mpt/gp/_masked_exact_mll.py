@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ..gaussian import full_rank_conditionals, normal_log_prob
 from ..masks import MaskSample
+from ..threads import limit_threads_in_backward, limited_threads
 
 __all__ = ["MaskedExactMLL", "Observations"]
 
@@ -151,19 +152,19 @@ class MaskedExactMLL(ExactMarginalLogLikelihood):
             One value per element of the GP's batch shape (a new draw of masks on every call).
         """
         _check_function_dist(function_dist)
-        output = self.likelihood(function_dist, *params, **kwargs)
-        observations = _observations(output, target)
-        value = observations.value
-        draw = self.draw_masks(
-            observations.size, observations.batch_shape, value.dtype, value.device
-        )
-        log_prob = normal_log_prob(*_conditionals(observations, draw.masks), draw.masks)
-        res = draw.weighted_sums(log_prob).sum(0)
-        res = self._add_other_terms(res, params)
-
-        # Scale by the amount of data, as ExactMarginalLogLikelihood does.
-        num_data = function_dist.event_shape.numel()
-        return res.div_(num_data)
+        with limited_threads():
+            output = self.likelihood(function_dist, *params, **kwargs)
+            observations = _observations(output, target)
+            value = observations.value
+            draw = self.draw_masks(
+                observations.size, observations.batch_shape, value.dtype, value.device
+            )
+            log_prob = normal_log_prob(*_conditionals(observations, draw.masks), draw.masks)
+            res = draw.weighted_sums(log_prob).sum(0)
+            res = self._add_other_terms(res, params)
+            # Scale by the amount of data, as ExactMarginalLogLikelihood does.
+            res = res.div_(function_dist.event_shape.numel())
+        return limit_threads_in_backward(res)
 
 
 def _check_function_dist(function_dist) -> None:

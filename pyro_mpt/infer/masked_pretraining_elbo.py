@@ -86,6 +86,7 @@ from pyro.util import check_model_guide_match, check_site_shape, warn_if_nan
 
 from ..gaussian import as_value, masked_conditional_log_prob
 from ..masks import Cumulative, MaskSample, MaskScheme
+from ..threads import limit_threads_in_backward, limited_threads
 from .observed_view import masked_observations
 from .site_terms import (
     is_collapsed_gaussian,
@@ -417,7 +418,7 @@ class MaskedPretrainingELBO(ELBO):
             ...     model, guide, data)
         """
         loss = 0.0
-        with torch.no_grad():
+        with torch.no_grad(), limited_threads():
             for model_trace, guide_trace, local in self._get_traces(model, guide, args, kwargs):
                 loss_particle, _ = self._differentiable_loss_particle(
                     model_trace, guide_trace, local
@@ -434,16 +435,19 @@ class MaskedPretrainingELBO(ELBO):
             ...     model, guide, data)
             >>> loss.backward()  # doctest: +SKIP
         """
-        loss = 0.0
-        surrogate_loss = 0.0
-        for model_trace, guide_trace, local in self._get_traces(model, guide, args, kwargs):
-            loss_particle, surrogate_loss_particle = self._differentiable_loss_particle(
-                model_trace, guide_trace, local
-            )
-            surrogate_loss = surrogate_loss + surrogate_loss_particle / self.num_particles
-            loss = loss + loss_particle / self.num_particles
-        warn_if_nan(surrogate_loss, "loss")
-        return loss + (surrogate_loss - torch_item(surrogate_loss))
+        with limited_threads():
+            loss = 0.0
+            surrogate_loss = 0.0
+            for model_trace, guide_trace, local in self._get_traces(model, guide, args, kwargs):
+                loss_particle, surrogate_loss_particle = self._differentiable_loss_particle(
+                    model_trace, guide_trace, local
+                )
+                surrogate_loss = surrogate_loss + surrogate_loss_particle / self.num_particles
+                loss = loss + loss_particle / self.num_particles
+            warn_if_nan(surrogate_loss, "loss")
+            loss = loss + (surrogate_loss - torch_item(surrogate_loss))
+        # The caller's backward pass runs the same small batched kernels: limit it too.
+        return limit_threads_in_backward(loss) if isinstance(loss, torch.Tensor) else loss
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """The loss as a float, after back-propagating the surrogate into the parameters.
@@ -453,19 +457,20 @@ class MaskedPretrainingELBO(ELBO):
             ...     model, guide, data)
         """
         loss = 0.0
-        for model_trace, guide_trace, local in self._get_traces(model, guide, args, kwargs):
-            loss_particle, surrogate_loss_particle = self._differentiable_loss_particle(
-                model_trace, guide_trace, local
-            )
-            loss += torch_item(loss_particle) / self.num_particles
-            trainable_params = any(
-                site["type"] == "param"
-                for trace in (model_trace, guide_trace)
-                for site in trace.nodes.values()
-            )
-            if trainable_params and getattr(surrogate_loss_particle, "requires_grad", False):
-                surrogate_loss_particle = surrogate_loss_particle / self.num_particles
-                surrogate_loss_particle.backward(retain_graph=self.retain_graph)
+        with limited_threads():
+            for model_trace, guide_trace, local in self._get_traces(model, guide, args, kwargs):
+                loss_particle, surrogate_loss_particle = self._differentiable_loss_particle(
+                    model_trace, guide_trace, local
+                )
+                loss += torch_item(loss_particle) / self.num_particles
+                trainable_params = any(
+                    site["type"] == "param"
+                    for trace in (model_trace, guide_trace)
+                    for site in trace.nodes.values()
+                )
+                if trainable_params and getattr(surrogate_loss_particle, "requires_grad", False):
+                    surrogate_loss_particle = surrogate_loss_particle / self.num_particles
+                    surrogate_loss_particle.backward(retain_graph=self.retain_graph)
         warn_if_nan(loss, "loss")
         return loss
 
