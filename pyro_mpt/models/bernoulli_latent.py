@@ -31,12 +31,14 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.nn import PyroModule, PyroParam
+from pyro.nn import PyroParam
+
+from ._module import InstanceModule
 
 __all__ = ["BernoulliLatentModel"]
 
 
-class BernoulliLatentModel(PyroModule):
+class BernoulliLatentModel(InstanceModule):
     r"""Linear Bernoulli latent model, :math:`x_n \sim \mathrm{Bernoulli}(\sigma(W z_n + b))`.
 
     Args:

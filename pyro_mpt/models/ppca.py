@@ -21,12 +21,14 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule, PyroParam, PyroSample
+from pyro.nn import PyroParam
+
+from ._module import InstanceModule
 
 __all__ = ["PPCA"]
 
 
-class PPCA(PyroModule):
+class PPCA(InstanceModule):
     r"""PPCA with learned loading matrix :math:`W` and noise scale :math:`\sigma`.
 
     The same object serves every objective: ``forward`` is a Pyro model (rows observed at site
@@ -81,14 +83,6 @@ class PPCA(PyroModule):
             self.cov_factor = PyroParam(
                 init_scale * torch.randn(data_dim, latent_dim, generator=generator)
             )
-        else:
-            self.cov_factor = PyroSample(
-                lambda self: dist.Normal(
-                    torch.zeros((), dtype=self.loc.dtype), float(self.prior_scale)
-                )
-                .expand([self.data_dim, self.latent_dim])
-                .to_event(2)
-            )
         self.noise_scale = PyroParam(self._initial_noise(noise_scale), dist.constraints.positive)
 
     def _initial_noise(self, noise_scale: float) -> torch.Tensor:
@@ -132,7 +126,15 @@ class PPCA(PyroModule):
             torch.Size([3, 4])
         """
         size = num_data if num_data is not None else (len(x) if x is not None else 1)
-        cov_factor = self.cov_factor
+        if self.prior_scale is None:
+            cov_factor = self.cov_factor
+        else:
+            # A plain sample statement, not a PyroSample attribute: the site keeps the name
+            # "cov_factor" whatever this instance's parameters are called.
+            prior = dist.Normal(torch.zeros((), dtype=self.loc.dtype), float(self.prior_scale))
+            cov_factor = pyro.sample(
+                "cov_factor", prior.expand([self.data_dim, self.latent_dim]).to_event(2)
+            )
         with pyro.plate("data", size, subsample_size=None if x is None else len(x)):
             if self.collapsed:
                 return pyro.sample("x", self.marginal(cov_factor), obs=x)
