@@ -39,10 +39,13 @@ class PPCA(InstanceModule):
 
     Args:
         data_dim: D.
-        latent_dim: K.
+        latent_dim: K, smaller than D (with K >= D, :math:`WW^\top` can absorb any noise level up
+            to the smallest eigenvalue of the data covariance: the noise is not identifiable).
         noise_scale: initial :math:`\sigma`.
-        init_scale: standard deviation of the random initial :math:`W`.
-        loc: fixed mean :math:`\mu` (default zero: the maximum-likelihood mean of centred data).
+        init_scale: standard deviation of the random initial :math:`W` (positive: :math:`W = 0` is
+            a stationary point of the likelihood, which gradient training would never leave).
+        loc: fixed mean :math:`\mu`, shape ``(D,)`` (default zero: the maximum-likelihood mean of
+            centred data).
         generator: ``torch.Generator`` for the initial :math:`W`.
         collapsed: observe the marginal (``LowRankMultivariateNormal``, default) or sample the
             latent ``"z"`` per row and observe ``Normal(mu + W z, sigma).to_event(1)``.
@@ -72,8 +75,18 @@ class PPCA(InstanceModule):
             raise ValueError(f"data_dim must be a positive integer, got {data_dim!r}")
         if not isinstance(latent_dim, int) or latent_dim < 1:
             raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
+        if latent_dim >= data_dim:
+            raise ValueError(
+                f"latent_dim must be smaller than data_dim, got latent_dim={latent_dim} with "
+                f"data_dim={data_dim} (with latent_dim >= data_dim the noise is not identifiable)"
+            )
         if not noise_scale > 0:
             raise ValueError(f"noise_scale must be positive, got {noise_scale!r}")
+        if not init_scale > 0:
+            raise ValueError(f"init_scale must be positive, got {init_scale!r}")
+        if loc is not None and (not isinstance(loc, torch.Tensor) or loc.shape != (data_dim,)):
+            shape = tuple(loc.shape) if isinstance(loc, torch.Tensor) else type(loc).__name__
+            raise ValueError(f"loc must be a tensor of shape ({data_dim},) (data_dim), got {shape}")
         if prior_scale is not None and not prior_scale > 0:
             raise ValueError(f"prior_scale must be positive or None, got {prior_scale!r}")
         self.data_dim, self.latent_dim = data_dim, latent_dim
