@@ -46,7 +46,9 @@ class BernoulliLatentModel(InstanceModule):
         latent_dim: L (1 or 2 for quadrature; default 2 as in the paper).
         init_scale: standard deviation of the random initial :math:`W` (positive: :math:`W = 0`
             is a stationary point of the likelihood, which gradient training would never leave).
-        generator: ``torch.Generator`` for the initial :math:`W`.
+        generator: ``torch.Generator`` that draws the initial :math:`W`; ``None`` draws from the
+            global torch RNG (``torch.manual_seed``), as ``torch.randn`` does. Pass a seeded one
+            for a result that does not depend on what else ran before.
 
     Example:
         >>> model = BernoulliLatentModel(data_dim=6, generator=torch.Generator().manual_seed(0))

@@ -46,7 +46,9 @@ class PPCA(InstanceModule):
             a stationary point of the likelihood, which gradient training would never leave).
         loc: fixed mean :math:`\mu`, shape ``(D,)`` (default zero: the maximum-likelihood mean of
             centred data).
-        generator: ``torch.Generator`` for the initial :math:`W`.
+        generator: ``torch.Generator`` that draws the initial :math:`W`; ``None`` draws from the
+            global torch RNG (``torch.manual_seed``), as ``torch.randn`` does. Pass a seeded one
+            for a result that does not depend on what else ran before.
         collapsed: observe the marginal (``LowRankMultivariateNormal``, default) or sample the
             latent ``"z"`` per row and observe ``Normal(mu + W z, sigma).to_event(1)``.
         prior_scale: if given, :math:`W` has the prior :math:`\mathcal{N}(0, s^2)` entry-wise and
