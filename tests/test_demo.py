@@ -28,7 +28,8 @@ def test_demo_reaches_the_closed_form_optimum(tmp_path, capsys):
 
 
 def test_demo_rejects_bad_arguments(tmp_path):
-    with pytest.raises(SystemExit):
-        main(["demo", "--dtype", "float16"])
-    with pytest.raises(ValueError, match="steps must be a positive integer"):
-        main(["demo", "--out", str(tmp_path), "--steps", "0", "--no-progress"])
+    # Usage errors (exit status 2) naming the option: more cases in tests/test_cli.py.
+    for argv in (["--dtype", "float16"], ["--out", str(tmp_path), "--steps", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["demo", *argv, "--no-progress"])
+        assert exit_info.value.code == 2

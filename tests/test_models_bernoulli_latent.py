@@ -135,3 +135,15 @@ def test_snis_conditionals_match_quadrature_at_the_default_k(trained):
     exact_loss = -(draw.weights * exact.sum(-1)).sum().item()
     weighted_dims = (draw.weights * draw.masks.sum(-1)).sum().item()
     assert abs(loss - exact_loss) / weighted_dims < 0.02, (loss, exact_loss)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"data_dim": 0}, "data_dim"),
+                                            ({"latent_dim": 0}, "latent_dim"),
+                                            # W = 0 is a stationary point: training never moves.
+                                            ({"init_scale": 0.0}, "init_scale")])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BernoulliLatentModel(**{"data_dim": 4, **kwargs})
+    if "init_scale" not in kwargs:
+        with pytest.raises(ValueError, match=match):
+            BernoulliLatentGuide(**{"data_dim": 4, **kwargs})

@@ -99,12 +99,19 @@ def test_prior_on_loadings_is_a_latent_site_and_marginal_asks_for_it(small):
     assert MaskedPretrainingELBO().loss(model, guide, small) > 0
 
 
+@pytest.mark.parametrize("cls", [PPCA, FactorAnalysis])
 @pytest.mark.parametrize("kwargs, match", [({"latent_dim": 0}, "latent_dim"),
+                                            # K >= D: the noise is not identifiable.
+                                            ({"latent_dim": 4}, "latent_dim=4 with data_dim=4"),
+                                            ({"data_dim": 3, "latent_dim": 5}, "latent_dim=5"),
                                             ({"noise_scale": -1.0}, "noise_scale"),
+                                            # W = 0 is a stationary point: training never moves.
+                                            ({"init_scale": 0.0}, "init_scale"),
+                                            ({"loc": torch.zeros(3)}, r"loc .*\(4,\).*\(3,\)"),
                                             ({"prior_scale": 0.0}, "prior_scale")])
-def test_bad_arguments(kwargs, match):
+def test_bad_arguments(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        PPCA(**{"data_dim": 4, "latent_dim": 2, **kwargs})
+        cls(**{"data_dim": 4, "latent_dim": 2, **kwargs})
 
 
 @pytest.mark.slow

@@ -31,19 +31,24 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.nn import PyroModule, PyroParam
+from pyro.nn import PyroParam
+
+from ._module import InstanceModule
 
 __all__ = ["BernoulliLatentModel"]
 
 
-class BernoulliLatentModel(PyroModule):
+class BernoulliLatentModel(InstanceModule):
     r"""Linear Bernoulli latent model, :math:`x_n \sim \mathrm{Bernoulli}(\sigma(W z_n + b))`.
 
     Args:
         data_dim: D (e.g. 64 pixels of scikit-learn's digits).
         latent_dim: L (1 or 2 for quadrature; default 2 as in the paper).
-        init_scale: standard deviation of the random initial :math:`W`.
-        generator: ``torch.Generator`` for the initial :math:`W`.
+        init_scale: standard deviation of the random initial :math:`W` (positive: :math:`W = 0`
+            is a stationary point of the likelihood, which gradient training would never leave).
+        generator: ``torch.Generator`` that draws the initial :math:`W`; ``None`` draws from the
+            global torch RNG (``torch.manual_seed``), as ``torch.randn`` does. Pass a seeded one
+            for a result that does not depend on what else ran before.
 
     Example:
         >>> model = BernoulliLatentModel(data_dim=6, generator=torch.Generator().manual_seed(0))
@@ -64,6 +69,8 @@ class BernoulliLatentModel(PyroModule):
             raise ValueError(f"data_dim must be a positive integer, got {data_dim!r}")
         if not isinstance(latent_dim, int) or latent_dim < 1:
             raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
+        if not init_scale > 0:
+            raise ValueError(f"init_scale must be positive, got {init_scale!r}")
         self.data_dim, self.latent_dim = data_dim, latent_dim
         self.weight = PyroParam(init_scale * torch.randn(data_dim, latent_dim, generator=generator))
         self.bias = PyroParam(torch.zeros(data_dim))

@@ -19,14 +19,15 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.nn import PyroModule, PyroParam
+from pyro.nn import PyroParam
 
 from ..infer.observed_view import observed_view
+from ._module import InstanceModule
 
 __all__ = ["BernoulliLatentGuide"]
 
 
-class BernoulliLatentGuide(PyroModule):
+class BernoulliLatentGuide(InstanceModule):
     """Amortised linear Gaussian guide for the latent ``"z"`` of each row.
 
     Args:

@@ -59,7 +59,10 @@ def fit(
             integrated by MPT, or absent).
         masks, num_masks: the MPT mask scheme (default cumulative) and draws per row.
         steps, lr, final_lr: Adam with a cosine-annealed learning rate from ``lr`` to ``final_lr``.
-        seed: seeds Pyro's RNG, the masks and the mini-batches.
+        seed: seeds Pyro's RNG (``pyro.set_rng_seed``: Pyro's samplers draw from the global torch
+            RNG, which it reseeds, with numpy's and ``random``'s), the masks and the mini-batches.
+            The model's initial values are drawn when it is built: pass it a seeded
+            ``generator`` (e.g. ``PPCA(..., generator=torch.Generator().manual_seed(0))``).
         batch_size: train on random mini-batches of rows (models with ``forward(x, num_data)``).
         track: ``"log_marginal"`` (LML per datum), a callable, or ``None``.
         **elbo_options: passed to the ELBO (e.g. ``num_importance_samples``, ``num_particles``).
@@ -70,8 +73,9 @@ def fit(
 
     Example:
         >>> from pyro_mpt.models import PPCA
-        >>> x = torch.randn(50, 4)
-        >>> result = fit(PPCA(4, 1), x, steps=20, progress=False)
+        >>> x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+        >>> model = PPCA(4, 1, generator=torch.Generator().manual_seed(1))
+        >>> result = fit(model, x, steps=20, progress=False)
         >>> len(result.losses), len(result.tracked) > 0
         (20, True)
     """

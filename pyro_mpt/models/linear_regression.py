@@ -19,12 +19,14 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule, PyroParam
+from pyro.nn import PyroParam
+
+from ._module import InstanceModule
 
 __all__ = ["BayesianLinearRegression"]
 
 
-class BayesianLinearRegression(PyroModule):
+class BayesianLinearRegression(InstanceModule):
     r"""Bayesian linear regression with learned prior scale :math:`\alpha` and noise :math:`\sigma`.
 
     Args:

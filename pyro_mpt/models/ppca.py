@@ -21,12 +21,14 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule, PyroParam, PyroSample
+from pyro.nn import PyroParam
+
+from ._module import InstanceModule
 
 __all__ = ["PPCA"]
 
 
-class PPCA(PyroModule):
+class PPCA(InstanceModule):
     r"""PPCA with learned loading matrix :math:`W` and noise scale :math:`\sigma`.
 
     The same object serves every objective: ``forward`` is a Pyro model (rows observed at site
@@ -37,11 +39,16 @@ class PPCA(PyroModule):
 
     Args:
         data_dim: D.
-        latent_dim: K.
+        latent_dim: K, smaller than D (with K >= D, :math:`WW^\top` can absorb any noise level up
+            to the smallest eigenvalue of the data covariance: the noise is not identifiable).
         noise_scale: initial :math:`\sigma`.
-        init_scale: standard deviation of the random initial :math:`W`.
-        loc: fixed mean :math:`\mu` (default zero: the maximum-likelihood mean of centred data).
-        generator: ``torch.Generator`` for the initial :math:`W`.
+        init_scale: standard deviation of the random initial :math:`W` (positive: :math:`W = 0` is
+            a stationary point of the likelihood, which gradient training would never leave).
+        loc: fixed mean :math:`\mu`, shape ``(D,)`` (default zero: the maximum-likelihood mean of
+            centred data).
+        generator: ``torch.Generator`` that draws the initial :math:`W`; ``None`` draws from the
+            global torch RNG (``torch.manual_seed``), as ``torch.randn`` does. Pass a seeded one
+            for a result that does not depend on what else ran before.
         collapsed: observe the marginal (``LowRankMultivariateNormal``, default) or sample the
             latent ``"z"`` per row and observe ``Normal(mu + W z, sigma).to_event(1)``.
         prior_scale: if given, :math:`W` has the prior :math:`\mathcal{N}(0, s^2)` entry-wise and
@@ -70,8 +77,18 @@ class PPCA(PyroModule):
             raise ValueError(f"data_dim must be a positive integer, got {data_dim!r}")
         if not isinstance(latent_dim, int) or latent_dim < 1:
             raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
+        if latent_dim >= data_dim:
+            raise ValueError(
+                f"latent_dim must be smaller than data_dim, got latent_dim={latent_dim} with "
+                f"data_dim={data_dim} (with latent_dim >= data_dim the noise is not identifiable)"
+            )
         if not noise_scale > 0:
             raise ValueError(f"noise_scale must be positive, got {noise_scale!r}")
+        if not init_scale > 0:
+            raise ValueError(f"init_scale must be positive, got {init_scale!r}")
+        if loc is not None and (not isinstance(loc, torch.Tensor) or loc.shape != (data_dim,)):
+            shape = tuple(loc.shape) if isinstance(loc, torch.Tensor) else type(loc).__name__
+            raise ValueError(f"loc must be a tensor of shape ({data_dim},) (data_dim), got {shape}")
         if prior_scale is not None and not prior_scale > 0:
             raise ValueError(f"prior_scale must be positive or None, got {prior_scale!r}")
         self.data_dim, self.latent_dim = data_dim, latent_dim
@@ -80,14 +97,6 @@ class PPCA(PyroModule):
         if prior_scale is None:
             self.cov_factor = PyroParam(
                 init_scale * torch.randn(data_dim, latent_dim, generator=generator)
-            )
-        else:
-            self.cov_factor = PyroSample(
-                lambda self: dist.Normal(
-                    torch.zeros((), dtype=self.loc.dtype), float(self.prior_scale)
-                )
-                .expand([self.data_dim, self.latent_dim])
-                .to_event(2)
             )
         self.noise_scale = PyroParam(self._initial_noise(noise_scale), dist.constraints.positive)
 
@@ -132,7 +141,15 @@ class PPCA(PyroModule):
             torch.Size([3, 4])
         """
         size = num_data if num_data is not None else (len(x) if x is not None else 1)
-        cov_factor = self.cov_factor
+        if self.prior_scale is None:
+            cov_factor = self.cov_factor
+        else:
+            # A plain sample statement, not a PyroSample attribute: the site keeps the name
+            # "cov_factor" whatever this instance's parameters are called.
+            prior = dist.Normal(torch.zeros((), dtype=self.loc.dtype), float(self.prior_scale))
+            cov_factor = pyro.sample(
+                "cov_factor", prior.expand([self.data_dim, self.latent_dim]).to_event(2)
+            )
         with pyro.plate("data", size, subsample_size=None if x is None else len(x)):
             if self.collapsed:
                 return pyro.sample("x", self.marginal(cov_factor), obs=x)
