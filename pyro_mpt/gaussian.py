@@ -105,11 +105,12 @@ def masked_conditional_normal(dist, value: torch.Tensor, mask: torch.Tensor):
     """
     value = as_value(dist, value)
     deviation, var = _deviation_and_variance(dist, value, mask)
-    return value - deviation, var
+    zero = torch.zeros((), dtype=var.dtype, device=var.device)
+    return value - torch.where(mask, deviation, zero), torch.where(mask, var, zero)
 
 
 def _deviation_and_variance(dist, value: torch.Tensor, mask: torch.Tensor):
-    """Checked ``x_j - E[x_j | x_R]`` and ``Var[x_j | x_R]`` at masked positions, zero elsewhere."""
+    """Checked ``x_j - E[x_j | x_R]`` and ``Var[x_j | x_R]``; valid at masked positions only."""
     _check_value_and_mask(value, mask, event_size(dist), dist.batch_shape)
     if isinstance(dist, LowRankMultivariateNormal):
         deviation, var = low_rank_conditionals(
@@ -128,8 +129,7 @@ def _deviation_and_variance(dist, value: torch.Tensor, mask: torch.Tensor):
         base = dist.base_dist
         shape = torch.broadcast_shapes(mask.shape, value.shape, base.loc.shape)
         deviation, var = (value - base.loc).expand(shape), base.scale.pow(2).expand(shape)
-    zero = torch.zeros((), dtype=var.dtype, device=var.device)
-    return torch.where(mask, deviation, zero), torch.where(mask, var, zero)
+    return deviation, var
 
 
 def masked_conditional_log_prob(dist, value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -161,18 +161,19 @@ def masked_conditional_log_prob(dist, value: torch.Tensor, mask: torch.Tensor) -
 
 def normal_log_prob(deviation: torch.Tensor, var: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     r""":math:`\log \mathcal{N}(x_j; \mathbb{E}[x_j \mid x_R], \mathrm{Var}[x_j \mid x_R])` at
-    masked positions (zero elsewhere) from the deviation :math:`x_j - \mathbb{E}[x_j \mid x_R]`.
+    masked positions (zero elsewhere) from the deviation :math:`x_j - \mathbb{E}[x_j \mid x_R]`;
+    ``deviation`` and ``var`` are ignored at unmasked positions.
 
     Example:
         >>> normal_log_prob(torch.zeros(2), torch.ones(2), torch.tensor([True, False]))
         tensor([-0.9189,  0.0000])
     """
-    if not bool((var > 0).logical_or(~mask).all()):
+    var = torch.where(mask, var, torch.ones_like(var))
+    if not bool((var > 0).all()):
         raise ValueError(
             "a masked dimension has zero conditional variance given the visible ones: dist's "
             "covariance is singular (for its dtype); add jitter to the diagonal or use float64"
         )
-    var = torch.where(mask, var, torch.ones_like(var))
     log_prob = -0.5 * (deviation.pow(2) / var + var.log() + math.log(2 * math.pi))
     return torch.where(mask, log_prob, torch.zeros_like(log_prob))
 

@@ -270,9 +270,14 @@ def masks_of_sizes(
         >>> masks_of_sizes(torch.tensor([1, 3]), 5).sum(-1)
         tensor([1, 3])
     """
-    # The first m entries of a uniformly random permutation form a uniform m-subset.
     device = sizes.device if generator is None else generator.device
     noise = torch.rand(*sizes.shape, event_size, generator=generator, device=device)
+    if sizes.numel() > 0 and bool((sizes == sizes.flatten()[0]).all()):
+        # One size: the m largest of i.i.d. uniforms form a uniform m-subset (no full sort).
+        chosen = noise.topk(int(sizes.flatten()[0]), dim=-1).indices.to(sizes.device)
+        masks = torch.zeros(*sizes.shape, event_size, dtype=torch.bool, device=sizes.device)
+        return masks.scatter_(-1, chosen, True)
+    # The first m entries of a uniformly random permutation form a uniform m-subset.
     permutation = noise.argsort(-1).to(sizes.device)
     leading = torch.arange(event_size, device=sizes.device) < sizes.unsqueeze(-1)
     return torch.zeros_like(leading).scatter_(-1, permutation, leading)
@@ -381,6 +386,23 @@ class Cumulative(_UniformSizes):
 
     def _size_range(self, event_size):
         return 1, event_size
+
+    def _draw(self, event_size, row_shape, num_masks, generator):
+        # Masking each dimension with probability t, t ~ U(0, 1), gives a size uniform on 0..D
+        # (Beta-Binomial(1, 1)) and, given the size, a uniform subset: redrawing the rows that
+        # mask nothing leaves exactly this scheme's distribution, without sorting (5 of the
+        # 49 ms of an SVI step on digits went to the argsort of masks_of_sizes).
+        device = "cpu" if generator is None else generator.device
+        shape = (num_masks, *row_shape)
+        masks = torch.empty(*shape, event_size, dtype=torch.bool, device=device)
+        todo = torch.ones(shape, dtype=torch.bool, device=device)
+        while bool(todo.any()):
+            count = int(todo.sum())
+            rates = torch.rand(count, 1, generator=generator, device=device)
+            masks[todo] = torch.rand(count, event_size, generator=generator, device=device) < rates
+            todo = ~masks.any(-1)
+        weights = event_size / masks.sum(-1).to(torch.float64)
+        return masks, weights, torch.zeros(num_masks, dtype=torch.long)
 
 
 class RateRange(_UniformSizes):

@@ -126,7 +126,8 @@ def mpt_score(
     batch = batch_shape_of(dist, value)
     draw = masks.sample(event_size(dist), batch, num_masks, generator, value.dtype, value.device)
     with limited_threads():
-        estimate = draw.estimate(masked_conditional_log_prob(dist, value, draw.masks), reduction)
+        log_prob = masked_conditional_log_prob(dist, value, draw.masks)  # zero where unmasked
+        estimate = draw.estimate(log_prob.sum(-1), reduction, summed=True)
     return estimate._replace(mean=limit_threads_in_backward(estimate.mean))
 
 
@@ -182,7 +183,7 @@ def mpt_curve(
         )
         with limited_threads():
             log_prob = masked_conditional_log_prob(dist, value, draw.masks)
-            estimate = draw.estimate(log_prob, reduction)
+            estimate = draw.estimate(log_prob.sum(-1), reduction, summed=True)
         means.append(limit_threads_in_backward(estimate.mean))
         stderrs.append(estimate.stderr)
     sizes_tensor = torch.tensor(sizes, device=value.device)

@@ -160,7 +160,7 @@ class MaskedExactMLL(ExactMarginalLogLikelihood):
                 observations.size, observations.batch_shape, value.dtype, value.device
             )
             log_prob = normal_log_prob(*_conditionals(observations, draw.masks), draw.masks)
-            res = draw.weighted_sums(log_prob).sum(0)
+            res = draw.weighted_sums(log_prob.sum(-1), summed=True).sum(0)
             res = self._add_other_terms(res, params)
             # Scale by the amount of data, as ExactMarginalLogLikelihood does.
             res = res.div_(function_dist.event_shape.numel())

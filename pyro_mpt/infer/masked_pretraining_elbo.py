@@ -284,8 +284,8 @@ class MaskedPretrainingELBO(ELBO):
             value = as_value(fn, value)
             batch_shape = torch.broadcast_shapes(value.shape[:-1], fn.batch_shape)
             draw = self._draw(value.shape[-1], batch_shape, value)
-            conditionals = masked_conditional_log_prob(fn, value, draw.masks)
-            return draw.weighted_sums(conditionals).sum(0)
+            conditionals = masked_conditional_log_prob(fn, value, draw.masks)  # zero where unmasked
+            return draw.weighted_sums(conditionals.sum(-1), summed=True).sum(0)
         if not is_factorised(fn):
             raise TypeError(
                 f"observed site '{name}' has an unsupported distribution {type(fn).__name__}; "

@@ -278,7 +278,7 @@ def test_estimate_above_max_cholesky_size_is_unbiased_for_the_exact_mll():
         draws = torch.stack([mll(model(x), y) for _ in range(30)])
     stderr = draws.std() / math.sqrt(len(draws))
     assert abs(draws.mean() - exact) < 4 * stderr
-    assert stderr < 0.02  # per datum; the exact value is 0.85
+    assert stderr < 0.03  # per datum; the exact value is 0.85: 4 s.e. is within 14%
 
 
 # --- Unsupported input fails loudly, naming the argument ----------------------------------------
