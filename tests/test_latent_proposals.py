@@ -143,3 +143,33 @@ def test_wake_phi_trains_a_guide_proposal_towards_the_posterior():
     elbo.loss(model, guide, x)
     after = elbo.effective_sample_size["x"].median().item()
     assert after > 2 * before, (before, after)
+
+
+@pytest.mark.slow
+def test_training_latent_ppca_recovers_the_noise_mle():
+    """Default settings, z integrated by adaptive importance sampling: sigma within 1% of the
+    closed-form maximum-likelihood value (measured 0.33%; prior particles alone learned a
+    noise 14% too high on this kind of model)."""
+    from pyro_mpt.training import fit_svi
+
+    g = torch.Generator().manual_seed(0)
+    n = 100
+    true_w = torch.randn(D, L, generator=g, dtype=torch.float64)
+    x = dist.LowRankMultivariateNormal(
+        torch.zeros(D, dtype=torch.float64), true_w, torch.full((D,), 0.09, dtype=torch.float64)
+    ).sample((n,))
+    x = x - x.mean(0)
+    # Tipping & Bishop: sigma^2 is the mean of the D - L smallest eigenvalues of the covariance.
+    sigma_mle = torch.linalg.eigvalsh(x.T @ x / n)[: D - L].mean().sqrt().item()
+    w = torch.nn.Parameter(0.5 * torch.randn(D, L, generator=g, dtype=torch.float64))
+    log_noise = torch.nn.Parameter(torch.tensor(0.0, dtype=torch.float64))
+
+    def model(x):
+        pyro.module("ppca", torch.nn.ParameterList([w, log_noise]))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(torch.zeros(L, dtype=x.dtype), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ w.T, log_noise.exp()).to_event(1), obs=x)
+
+    elbo = MaskedPretrainingELBO(generator=torch.Generator().manual_seed(1))
+    fit_svi(model, lambda x: None, elbo, x, steps=400, lr=0.05, progress=False)
+    assert log_noise.exp().item() == pytest.approx(sigma_mle, rel=0.01)
