@@ -257,3 +257,42 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="num_draws"):
         ConditionalMarginalLogLikelihood(lik, model, num_draws=0)
     assert isinstance(clml_rate_range(0.5), RateRange)
+
+
+# --- Pyro: the same target through MaskedPretrainingELBO and clml_rate_range -----------------
+
+
+def test_pyro_elbo_with_clml_rate_range_estimates_the_per_row_clml():
+    import pyro
+    import pyro.distributions as dist
+
+    from pyro_mpt.infer import MaskedPretrainingELBO
+
+    gen = torch.Generator().manual_seed(0)
+    size, rows, c = 6, 5, 0.5
+    factor = torch.randn(size, size, generator=gen, dtype=DTYPE)
+    cov = factor @ factor.mT / size + 0.3 * torch.eye(size, dtype=DTYPE)
+    loc = torch.zeros(size, dtype=DTYPE)
+    data = torch.distributions.MultivariateNormal(loc, cov).sample((rows,))
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.MultivariateNormal(loc, cov), obs=x)
+
+    def guide(x):
+        pass
+
+    p = held_out_size(c, size)  # condition on 3 of 6 dimensions, predict 3
+    exact = sum(
+        torch.stack([naive_joint(loc, cov, row, list(h))
+                     for h in itertools.combinations(range(size), p)]).mean()
+        for row in data
+    ).item()
+    losses = torch.tensor([
+        MaskedPretrainingELBO(clml_rate_range(c), num_masks=20,
+                              generator=torch.Generator().manual_seed(seed)).loss(model, guide,
+                                                                                  data)
+        for seed in range(30)
+    ])
+    stderr = losses.std().item() / math.sqrt(len(losses))
+    assert abs(-losses.mean().item() - exact) < 4 * stderr, (losses.mean(), exact, stderr)
