@@ -292,6 +292,15 @@ class ConditionalMarginalLogLikelihood(MaskedExactMLL):
             >>> est.mean.shape, bool(est.stderr > 0), est.dof.item()  # 5 sizes x (8 - 1)
             (torch.Size([]), True, 35.0)
         """
+        draw, contributions = self.contributions(function_dist, target, *params, **kwargs)
+        return draw.estimate(contributions, summed=True)
+
+    def contributions(self, function_dist: MultivariateNormal, target: Tensor, *params,
+                      **kwargs) -> tuple[MaskSample, Tensor]:
+        """The draw (held-out sets or masks) and its per-draw log-densities ``(S, *batch)``:
+        ``draw.estimate(contributions, summed=True)`` is :meth:`estimate`. Two models scored with
+        generators seeded alike get the same draw (common random numbers), so the estimate of
+        their difference, ``draw.estimate(a - b, summed=True)``, has a paired standard error."""
         _check_function_dist(function_dist)
         with limited_threads():
             observations = _observations(self.likelihood(function_dist, *params, **kwargs),
@@ -300,7 +309,7 @@ class ConditionalMarginalLogLikelihood(MaskedExactMLL):
             draw = self.draw_masks(
                 observations.size, observations.batch_shape, value.dtype, value.device
             )
-            return draw.estimate(self._contributions(observations, draw), summed=True)
+            return draw, self._contributions(observations, draw)
 
     def forward(self, function_dist: MultivariateNormal, target: Tensor, *params, **kwargs):
         r"""The CLML objective given :math:`p(\mathbf f)` and :math:`\mathbf y`, divided by p.
