@@ -16,17 +16,36 @@ For a model with a Gaussian marginal :math:`p(x)` (exact conditionals from
 The identity :math:`\log p(x) = \sum_{m=1}^{D} S(x; m)` (Moreno-Muñoz et al., 2023; Fong & Holmes,
 2020) makes ``exact_lml`` and ``mpt`` agree up to Monte-Carlo error; the other columns show how far
 single-rate scores are from it.
+
+**Exact GPs** (``gpytorch.models.ExactGP`` in training mode, holding their training data): the n
+observations are one draw of the GP, so every column is a total over the n points (nats, as
+``arviz_stats.compare`` reports elpd), from one Cholesky factor per model
+(:func:`evaluate_gps`):
+
+- ``exact_lml``: :math:`\log p(\mathbf y \mid \theta)` (no hyperprior);
+- ``clml`` ± ``clml_se``: the conditional marginal likelihood :math:`\mathbb E_H \log
+  p(\mathbf y_H \mid \mathbf y_C)`, a fraction c conditioned on
+  (:class:`~pyro_mpt.gp.ConditionalMarginalLogLikelihood`, masked estimator);
+- ``elpd_loo`` ± ``elpd_loo_se``: exact leave-one-out :math:`\sum_i \log p(y_i \mid
+  \mathbf y_{-i})` with arviz's standard error :math:`\sqrt{n\,\mathrm{Var}_i}`; for a GP it is
+  also the pseudo-likelihood (``pseudo_ll``);
+- ``*_diff`` and ``*_dse``: the difference to the best model by that column and its standard
+  error. Every model is scored on the **same masks** (common random numbers), so the CLML
+  difference has a paired Monte-Carlo standard error, smaller than the unpaired
+  :math:`\sqrt{se_a^2 + se_b^2}` (``clml_dse_unpaired``); the LOO ``dse`` is arviz's
+  :math:`\sqrt{n\,\mathrm{Var}_i(\mathrm{elpd}^a_i - \mathrm{elpd}^b_i)}`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
 import torch
 
-from .gaussian import event_size, masked_conditional_log_prob
+from .gaussian import event_size, masked_conditional_log_prob, normal_log_prob
 from .masks import FixedRate, MaskScheme, MPTEstimate, Stratified, size_for_rate
 from .threads import limited_threads
 
@@ -36,6 +55,10 @@ __all__ = [
     "rate_key",
     "evaluate_model",
     "compare_models",
+    "evaluate_gps",
+    "gp_pointwise_loo",
+    "as_dataframe",
+    "plot_comparison",
     "format_table",
 ]
 
@@ -206,13 +229,17 @@ def evaluate_model(
 
 def compare_models(
     models: Mapping[str, Any],
-    data: torch.Tensor,
+    data: torch.Tensor | None = None,
     rates: Sequence[float] = (0.15, 0.5, 0.85),
     masks: MaskScheme | None = None,
     num_masks: int = 4,
     generator: torch.Generator | None = None,
+    condition_fraction: float = 0.9,
 ) -> list[dict[str, Any]]:
     """:func:`evaluate_model` for every named model on the same data: a list of table rows.
+
+    When every model is a ``gpytorch.models.ExactGP`` the rows are :func:`evaluate_gps`'s (the
+    GPs hold their data; ``data`` may be omitted, or given as the common targets).
 
     Example:
         >>> from torch.distributions import MultivariateNormal
@@ -224,10 +251,191 @@ def compare_models(
     """
     if not isinstance(models, Mapping) or not models:
         raise ValueError("models must be a non-empty mapping of name -> model")
+    if all(_is_exact_gp(model) for model in models.values()):
+        seed = 0 if generator is None else int(generator.initial_seed())
+        return evaluate_gps(models, data, condition_fraction, num_masks, seed)
+    if data is None:
+        raise ValueError("data is required unless every model is a gpytorch ExactGP")
     return [
         {"model": name, **evaluate_model(model, data, rates, masks, num_masks, generator)}
         for name, model in models.items()
     ]
+
+
+def _is_exact_gp(model: Any) -> bool:
+    try:
+        from gpytorch.models import ExactGP
+    except ImportError:  # pragma: no cover - gpytorch is a dependency
+        return False
+    return isinstance(model, ExactGP)
+
+
+def _gp_output(model, data: torch.Tensor | None):
+    if model.train_inputs is None or model.train_targets is None:
+        raise ValueError("every ExactGP must hold its training data (set_train_data)")
+    target = model.train_targets if data is None else data
+    if target.shape != model.train_targets.shape:
+        raise ValueError(
+            f"data must have the GPs' target shape {tuple(model.train_targets.shape)}, got "
+            f"{tuple(target.shape)}"
+        )
+    model.train()
+    model.likelihood.train()
+    return model(*model.train_inputs), target
+
+
+def gp_pointwise_loo(model, data: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Exact leave-one-out log predictive densities :math:`\log p(y_i \mid \mathbf y_{-i})`
+    of an ``ExactGP`` (its training data, or ``data`` as targets), shape ``(n,)``.
+
+    The conditionals come from :class:`~pyro_mpt.gp.LeavePOutPseudoLikelihood` (GPyTorch's
+    Cholesky factor, one mask per point), so their mean is ``LeaveOneOutPseudoLikelihood``.
+
+    Example:
+        >>> import gpytorch
+        >>> x = torch.linspace(0, 1, 8, dtype=torch.float64).unsqueeze(-1)
+        >>> class GP(gpytorch.models.ExactGP):
+        ...     def forward(self, x):
+        ...         return gpytorch.distributions.MultivariateNormal(
+        ...             torch.zeros(x.shape[:-1], dtype=x.dtype),
+        ...             gpytorch.kernels.RBFKernel().double()(x))
+        >>> gp = GP(x, torch.sin(6 * x[:, 0]), gpytorch.likelihoods.GaussianLikelihood().double())
+        >>> loo = gpytorch.mlls.LeaveOneOutPseudoLikelihood(gp.likelihood, gp)
+        >>> elpd_i = gp_pointwise_loo(gp)
+        >>> torch.allclose(elpd_i.mean(), loo(gp(x), gp.train_targets))
+        True
+    """
+    from .gp import LeavePOutPseudoLikelihood
+
+    with torch.no_grad():
+        output, target = _gp_output(model, data)
+        n = target.shape[-1]
+        if target.dim() != 1:
+            raise ValueError("gp_pointwise_loo needs a single-output, unbatched GP")
+        loo = LeavePOutPseudoLikelihood(model.likelihood, model, rate=1 / n)
+        eye = torch.eye(n, dtype=torch.bool, device=target.device)
+        mean, var = loo.conditionals(output, target, eye)
+        return normal_log_prob(target - mean.diagonal(), var.diagonal(),
+                               torch.ones(n, dtype=torch.bool, device=target.device))
+
+
+def evaluate_gps(
+    models: Mapping[str, Any],
+    data: torch.Tensor | None = None,
+    condition_fraction: float = 0.9,
+    num_masks: int = 4,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    r"""Comparison rows for exact GPs on one data set, with standard errors of differences.
+
+    Every model is scored on the same masks (one ``torch.Generator`` seeded with ``seed`` per
+    model), so CLML differences are paired. Columns (totals over the n points, nats):
+    ``exact_lml``, ``clml`` ± ``clml_se``, ``elpd_loo`` ± ``elpd_loo_se``, ``pseudo_ll``, and
+    for each of ``exact_lml``, ``clml``, ``elpd_loo`` the difference to the best model
+    ``*_diff`` with its standard error ``*_dse`` (``clml_dse_unpaired`` for comparison). Rows
+    are ordered as given; ``rank`` is the position by ``elpd_loo`` (as ``arviz_stats.compare``).
+
+    Args:
+        models: name -> ``gpytorch.models.ExactGP`` (with its likelihood and training data).
+        data: targets shared by every GP (default: each GP's ``train_targets``).
+        condition_fraction: c of the CLML (fraction of the data conditioned on).
+        num_masks: masks of every size 1..p (at least 2, for a standard error).
+        seed: seed of the common masks.
+    """
+    from .gp import ConditionalMarginalLogLikelihood
+
+    if num_masks < 2:
+        raise ValueError(f"num_masks must be at least 2 for a standard error, got {num_masks}")
+    rows, draws, pointwise, clml_terms = [], [], {}, {}
+    with torch.no_grad(), limited_threads():
+        for name, model in models.items():
+            output, target = _gp_output(model, data)
+            clml = ConditionalMarginalLogLikelihood(
+                model.likelihood, model, condition_fraction, "masked", num_masks,
+                generator=torch.Generator().manual_seed(seed),
+            )
+            draw, terms = clml.contributions(output, target)
+            draws.append(draw)
+            estimate = draw.estimate(terms, summed=True)
+            elpd_i = gp_pointwise_loo(model, data)
+            n = elpd_i.numel()
+            pointwise[name], clml_terms[name] = elpd_i, terms
+            rows.append({
+                "model": name,
+                "n": n,
+                "exact_lml": model.likelihood(output).log_prob(target).item(),
+                "clml": estimate.mean.item(),
+                "clml_se": estimate.stderr.item(),
+                "clml_held_out": clml.held_out_size(n),
+                "elpd_loo": elpd_i.sum().item(),
+                "elpd_loo_se": (n * elpd_i.var(unbiased=False)).sqrt().item(),
+                "pseudo_ll": elpd_i.sum().item(),
+            })
+        if any(not torch.equal(d.masks, draws[0].masks) for d in draws):
+            raise ValueError("the GPs do not share their masks: give them the same data size")
+        draw = draws[0]
+        best = {key: max(rows, key=lambda r, key=key: r[key])
+                for key in ("exact_lml", "clml", "elpd_loo")}
+        for row in rows:
+            name = row["model"]
+            row["exact_lml_diff"] = best["exact_lml"]["exact_lml"] - row["exact_lml"]
+            row["exact_lml_dse"] = 0.0
+            reference = best["clml"]["model"]
+            paired = draw.estimate(clml_terms[reference] - clml_terms[name], summed=True)
+            row["clml_diff"] = paired.mean.item()
+            row["clml_dse"] = paired.stderr.item()
+            row["clml_dse_unpaired"] = (
+                0.0 if name == reference
+                else math.hypot(row["clml_se"], best["clml"]["clml_se"])
+            )
+            difference = pointwise[best["elpd_loo"]["model"]] - pointwise[name]
+            row["elpd_loo_diff"] = difference.sum().item()
+            row["elpd_loo_dse"] = (
+                difference.numel() * difference.var(unbiased=False)
+            ).sqrt().item()
+        order = sorted(rows, key=lambda r: -r["elpd_loo"])
+        for rank, row in enumerate(order):
+            row["rank"] = rank
+    return rows
+
+
+def as_dataframe(rows: Sequence[Mapping[str, Any]]):
+    """Rows of :func:`compare_models` as a ``pandas.DataFrame`` indexed by model.
+
+    Example:
+        >>> as_dataframe([{"model": "a", "exact_lml": -1.0}]).loc["a", "exact_lml"]
+        np.float64(-1.0)
+    """
+    import pandas as pd
+
+    return pd.DataFrame(list(rows)).set_index("model")
+
+
+def plot_comparison(rows: Sequence[Mapping[str, Any]], path=None, columns: Sequence[str] | None
+                    = None):
+    """Scores of :func:`compare_models` rows with ± one standard error bars, one panel per
+    column (default: every column that has a ``_se``, plus ``exact_lml``); saved to ``path``
+    (PNG) when given. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        raise ValueError("rows must contain at least one row")
+    if columns is None:
+        columns = [key for key in ("exact_lml", "mpt", "clml", "elpd_loo", "pseudo_ll")
+                   if rows[0].get(key) is not None]
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.2), squeeze=False)
+    names = [str(row["model"]) for row in rows]
+    for ax, key in zip(axes[0], columns, strict=True):
+        values = [row[key] for row in rows]
+        errors = [row.get(key + "_se") or 0.0 for row in rows]
+        ax.errorbar(values, range(len(rows)), xerr=errors, fmt="o", capsize=3)
+        ax.set_yticks(range(len(rows)), names)
+        ax.set_title(key)
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], digits: int = 3) -> str:
@@ -242,6 +450,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], digits: int = 3) -> str:
     """
     if not rows:
         raise ValueError("rows must contain at least one row")
+    if "clml" in rows[0]:
+        return _format_gp_table(rows, digits)
     rates = [key for key in rows[0] if key.startswith("rate_") and key.endswith("%")]
     header = ["model", "exact LML", "cumulative MPT", "m = 1 (pseudo-LL)"]
     header += [f"fixed {key[5:]}" for key in rates]
@@ -258,5 +468,26 @@ def format_table(rows: Sequence[Mapping[str, Any]], digits: int = 3) -> str:
         cells = [str(row.get("model", "")), number(row.get("exact_lml")), with_se(row, "mpt"),
                  number(row.get("pseudo_ll"))]
         cells += [with_se(row, key) for key in rates]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _format_gp_table(rows: Sequence[Mapping[str, Any]], digits: int) -> str:
+    """:func:`evaluate_gps` rows: totals, ± s.e., and the difference to the best ± its s.e."""
+    first = rows[0]
+    header = ["model", "exact LML", "Δ LML",
+              f"CLML (p = {first['clml_held_out']} of {first['n']})", "Δ CLML ± paired s.e.",
+              "elpd LOO (exact)", "Δ elpd ± dse"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [
+            str(row["model"]),
+            f"{row['exact_lml']:.{digits}f}",
+            f"{row['exact_lml_diff']:.{digits}f}",
+            f"{row['clml']:.{digits}f} ± {row['clml_se']:.{digits}f}",
+            f"{row['clml_diff']:.{digits}f} ± {row['clml_dse']:.{digits}f}",
+            f"{row['elpd_loo']:.{digits}f} ± {row['elpd_loo_se']:.{digits}f}",
+            f"{row['elpd_loo_diff']:.{digits}f} ± {row['elpd_loo_dse']:.{digits}f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

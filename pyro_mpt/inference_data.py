@@ -35,6 +35,7 @@ References:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -48,7 +49,14 @@ from pyro.poutine.util import site_is_subsample
 
 from .scoring import MPTCurve, MPTEstimate
 
-__all__ = ["log_likelihood", "guide_samples", "mpt_dataset", "from_pyro"]
+__all__ = [
+    "log_likelihood",
+    "guide_samples",
+    "mpt_dataset",
+    "from_pyro",
+    "from_gpytorch",
+    "gp_loo",
+]
 
 
 def _is_latent(site: dict) -> bool:
@@ -460,3 +468,125 @@ def from_pyro(
         else:
             tree["mpt"] = xr.DataTree(mpt_dataset(estimate=mpt))
     return tree
+
+
+def _gp_training_data(model):
+    if model.train_inputs is None or model.train_targets is None:
+        raise ValueError("the ExactGP must hold its training data (set_train_data)")
+    target = model.train_targets
+    if target.dim() != 1:
+        raise ValueError("only single-output, unbatched ExactGPs are supported")
+    return model.train_inputs, target
+
+
+def _gp_posterior(model):
+    """Posterior mean and covariance of f at the training inputs, and the noise variances."""
+    inputs, target = _gp_training_data(model)
+    likelihood = model.likelihood
+    noise = getattr(likelihood, "noise", None)
+    if noise is None:
+        raise TypeError("the GP's likelihood must be a Gaussian likelihood with a .noise")
+    model.eval()
+    likelihood.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # The posterior at the training inputs is what is wanted here.
+            warnings.filterwarnings("ignore", message="The input matches the stored training")
+            posterior = model(*inputs)
+            mean, cov = posterior.mean, posterior.covariance_matrix
+    finally:
+        model.train()
+        likelihood.train()
+    return target, mean, cov, noise.detach().reshape(-1).expand_as(target)
+
+
+def gp_loo(model, name: str = "y"):
+    r"""Exact leave-one-out of an ``ExactGP`` as an ``arviz_stats`` ``ELPDData`` (``kind="loo"``).
+
+    ``elpd_i`` is :math:`\log p(y_i \mid \mathbf y_{-i})` from one Cholesky factor
+    (:func:`pyro_mpt.evaluate.gp_pointwise_loo`), ``se`` is :math:`\sqrt{n\,\mathrm{Var}_i}` and
+    ``p`` the effective number of parameters :math:`\sum_i \log p(y_i \mid \mathbf y) -
+    \mathrm{elpd}`, as in PSIS-LOO. Exact, so no Pareto k. ``arviz_stats.compare`` takes a dict of
+    these (and ``DataTree``\ s).
+
+    Example:
+        >>> import gpytorch
+        >>> x = torch.linspace(0, 1, 8, dtype=torch.float64).unsqueeze(-1)
+        >>> class GP(gpytorch.models.ExactGP):
+        ...     def forward(self, x):
+        ...         return gpytorch.distributions.MultivariateNormal(
+        ...             torch.zeros(x.shape[:-1], dtype=x.dtype),
+        ...             gpytorch.kernels.RBFKernel().double()(x))
+        >>> gp = GP(x, torch.sin(6 * x[:, 0]), gpytorch.likelihoods.GaussianLikelihood().double())
+        >>> elpd = gp_loo(gp)
+        >>> elpd.kind, elpd.n_data_points, round(elpd.elpd - float(elpd.elpd_i.sum()), 12)
+        ('loo', 8, 0.0)
+    """
+    from arviz_stats.utils import ELPDData
+
+    from .evaluate import gp_pointwise_loo
+
+    elpd_i = gp_pointwise_loo(model).cpu().numpy()
+    target, mean, cov, noise = _gp_posterior(model)
+    predictive = torch.distributions.Normal(mean, (cov.diagonal() + noise).sqrt())
+    lppd = predictive.log_prob(target).sum().item()
+    n = len(elpd_i)
+    elpd = float(elpd_i.sum())
+    return ELPDData(
+        kind="loo",
+        elpd=elpd,
+        se=float(np.sqrt(n * elpd_i.var())),  # ddof 0, as arviz_stats.loo
+        p=lppd - elpd,
+        n_samples=0,
+        n_data_points=n,
+        scale="log",
+        warning=False,
+        good_k=0.7,
+        elpd_i=xr.DataArray(elpd_i, dims=[f"{name}_dim_0"], name=name),
+    )
+
+
+def from_gpytorch(
+    model, num_draws: int = 1000, generator: torch.Generator | None = None, name: str = "y"
+) -> xr.DataTree:
+    r"""An ``ExactGP``'s posterior over f at its training inputs as an ArviZ ``DataTree``.
+
+    ``posterior`` holds ``num_draws`` joint draws :math:`f^{(s)} \sim p(\mathbf f \mid \mathbf y)`
+    (hyperparameters fixed at their current values), ``log_likelihood`` the pointwise
+    :math:`\log \mathcal N(y_i; f^{(s)}_i, \sigma^2_i)` and ``observed_data`` the targets, so
+    ``arviz_stats.loo`` (PSIS-LOO) and ``compare`` run on GPs; :func:`gp_loo` is the exact LOO
+    that PSIS-LOO approximates.
+
+    Example:
+        >>> import arviz_stats, gpytorch
+        >>> x = torch.linspace(0, 1, 8, dtype=torch.float64).unsqueeze(-1)
+        >>> class GP(gpytorch.models.ExactGP):
+        ...     def forward(self, x):
+        ...         return gpytorch.distributions.MultivariateNormal(
+        ...             torch.zeros(x.shape[:-1], dtype=x.dtype),
+        ...             gpytorch.kernels.RBFKernel().double()(x))
+        >>> gp = GP(x, torch.sin(6 * x[:, 0]), gpytorch.likelihoods.GaussianLikelihood().double())
+        >>> dt = from_gpytorch(gp, 400, torch.Generator().manual_seed(0))
+        >>> dict(dt["log_likelihood"]["y"].sizes)
+        {'chain': 1, 'draw': 400, 'y_dim_0': 8}
+    """
+    if not isinstance(num_draws, int) or num_draws < 1:
+        raise ValueError(f"num_draws must be a positive integer, got {num_draws!r}")
+    target, mean, cov, noise = _gp_posterior(model)
+    eye = torch.eye(len(mean), dtype=mean.dtype, device=mean.device)
+    jitter = 1e-10 * cov.diagonal().mean()
+    factor, info = torch.linalg.cholesky_ex(cov + jitter * eye)
+    while bool(info):
+        jitter = jitter * 10
+        factor, info = torch.linalg.cholesky_ex(cov + jitter * eye)
+    noise_draw = torch.randn(num_draws, len(mean), generator=generator, dtype=mean.dtype)
+    draws = mean + noise_draw.to(mean.device) @ factor.mT
+    log_lik = torch.distributions.Normal(draws, noise.sqrt()).log_prob(target)
+    return from_dict(
+        {
+            "posterior": {"f": draws.cpu().numpy()[None]},
+            "log_likelihood": {name: log_lik.cpu().numpy()[None]},
+            "observed_data": {name: target.detach().cpu().numpy()},
+        },
+        dims={"f": [f"{name}_dim_0"], name: [f"{name}_dim_0"]},
+    )

@@ -28,4 +28,8 @@ EXPERIMENTS = {
         "pyro_mpt.experiments.mlm",
         "E4: masked LM trained from scratch vs untrained, MPT curve over masking rates",
     ),
+    "selection": (
+        "pyro_mpt.experiments.selection",
+        "E6: GP hyperparameters by LML, CLML (split, masked) and LOO; test NLL and RMSE",
+    ),
 }
