@@ -480,7 +480,7 @@ class MaskedPretrainingELBO(ELBO):
             proposal = poutine.trace(poutine.replay(guide, trace=replay)).get_trace(
                 *args, **kwargs
             )
-            # The proposal is held fixed: its samples enter the model as data.
+            # Detached particles enter the model as data; the guide learns only through wake-phi.
             for latent in local:
                 if latent not in proposal.nodes:
                     raise ValueError(
