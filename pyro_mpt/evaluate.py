@@ -751,12 +751,12 @@ def plot_comparison(rows: Sequence[Mapping[str, Any]], path=None, columns: Seque
     if not rows:
         raise ValueError("rows must contain at least one row")
     if columns is None:
-        columns = [key for key in ("exact_lml", "mpt", "clml", "elpd_loo", "pseudo_ll")
-                   if rows[0].get(key) is not None]
+        columns = [key for key in ("exact_lml", "elbo", "mpt", "clml", "elpd_loo", "pseudo_ll")
+                   if any(row.get(key) is not None for row in rows)]
     fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.2), squeeze=False)
     names = [str(row["model"]) for row in rows]
     for ax, key in zip(axes[0], columns, strict=True):
-        values = [row[key] for row in rows]
+        values = [math.nan if row.get(key) is None else row[key] for row in rows]
         errors = [row.get(key + "_se") or 0.0 for row in rows]
         ax.errorbar(values, range(len(rows)), xerr=errors, fmt="o", capsize=3)
         ax.set_yticks(range(len(rows)), names)
