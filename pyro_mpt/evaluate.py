@@ -34,6 +34,16 @@ observations are one draw of the GP, so every column is a total over the n point
   difference has a paired Monte-Carlo standard error, smaller than the unpaired
   :math:`\sqrt{se_a^2 + se_b^2}` (``clml_dse_unpaired``); the LOO ``dse`` is arviz's
   :math:`\sqrt{n\,\mathrm{Var}_i(\mathrm{elpd}^a_i - \mathrm{elpd}^b_i)}`.
+
+**Pyro models with guides** (:class:`PyroModel`, :func:`evaluate_pyro_models`): the same columns
+and differences for the N observations of one observed site, plus the ELBO of the guide, with
+exact LML from the model's ``log_marginal`` and exact LOO, CLML and MPT from a Gaussian observed
+site, else PSIS-LOO from guide draws (``arviz_stats.loo_approximate_posterior``). Measured on
+scikit-learn's diabetes data (N = 442, Bayesian linear regression on 3 features vs all 10,
+type-II ML hyperparameters, 4 masks per size): the CLML difference has a paired standard error
+of 0.25-0.29 nats against 0.83-1.04 unpaired, the LOO difference 5.1 against 18.8. The ELBO
+gains from common draws only when the guides' noise is shared (same structure): for guides
+over different weight vectors the paired and unpaired errors are about equal.
 """
 
 from __future__ import annotations
