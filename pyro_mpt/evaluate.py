@@ -569,8 +569,8 @@ def _score_pyro_model(name, entry, clml_draw, mpt_draw, num_draws, seed) -> _Pyr
         log_marginal = getattr(entry.model, "log_marginal", None)
         if callable(log_marginal):
             row["exact_lml"] = float(log_marginal(*entry.args, **entry.kwargs))
-        elif marginal is not None:
-            row["exact_lml"] = float(marginal.log_prob(values))
+        elif not has_latents:
+            row["exact_lml"] = float(trace.log_prob_sum())
         else:
             row["exact_lml"] = None
         elbo = pointwise_loo = None
@@ -586,6 +586,11 @@ def _score_pyro_model(name, entry, clml_draw, mpt_draw, num_draws, seed) -> _Pyr
                 row[key + "_terms"] = terms
             eye = torch.eye(n, dtype=torch.bool, device=values.device)
             pointwise_loo = masked_conditional_log_prob(marginal, values, eye).diagonal()
+            row["loo_method"] = "exact"
+        elif not has_latents:
+            # Independent observations without latents: p(y_i | y_-i) = p(y_i).
+            elbo = float(trace.log_prob_sum()) * torch.ones(num_draws, dtype=values.dtype)
+            pointwise_loo = _pointwise_log_lik(site)
             row["loo_method"] = "exact"
         elif entry.guide is not None:
             elbo, log_p, log_q, pointwise = _guide_draws(entry, num_draws)
@@ -618,8 +623,8 @@ def evaluate_pyro_models(
     the N observations (nats), as in :func:`evaluate_gps`:
 
     - ``exact_lml``: :math:`\log p(\mathbf y)` from the model's own ``log_marginal(*args)`` (e.g.
-      :class:`~pyro_mpt.models.BayesianLinearRegression`, collapsed or not), else from a
-      Gaussian observed site of a model without latents (its marginal); ``None`` otherwise.
+      :class:`~pyro_mpt.models.BayesianLinearRegression`, collapsed or not), else the
+      log-density of a model without latents; ``None`` otherwise (no estimate yet).
     - ``elbo`` ± ``elbo_se``: the mean of ``num_draws`` single-particle Trace_ELBO terms
       :math:`\log p(\mathbf y, z) - \log q(z)`, :math:`z \sim q` (exactly
       :math:`\log p(\mathbf y)` for a model without latents).

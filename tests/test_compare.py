@@ -8,6 +8,8 @@ posterior draws, and the unpaired standard error.
 
 from __future__ import annotations
 
+import math
+
 import arviz_stats
 import gpytorch
 import pyro
@@ -314,3 +316,21 @@ def test_pyro_outputs_and_checks(regressions, tmp_path):
     other = {"all": models["all"], "flipped": models["all"]._replace(args=(x, -y))}
     with pytest.raises(ValueError, match="different data"):
         compare_models(other)
+
+
+def test_pyro_models_without_latents_or_gaussian_marginal():
+    """Independent Bernoulli observations: LML = ELBO = LOO = the log-likelihood, exactly."""
+    dist = pyro.distributions
+    y = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=DTYPE)
+
+    def model(probs):
+        with pyro.plate("data", 4):
+            pyro.sample("y", dist.Bernoulli(torch.as_tensor(probs, dtype=DTYPE)), obs=y)
+
+    rows = compare_models({"good": (model, None, (0.75,)), "bad": (model, None, (0.25,))})
+    for row, p in zip(rows, (0.75, 0.25), strict=True):
+        expected = 3 * math.log(p) + math.log(1 - p)
+        for key in ("exact_lml", "elbo", "elpd_loo"):
+            assert row[key] == pytest.approx(expected, abs=1e-12), key
+        assert row["clml"] is None and row["loo_method"] == "exact"
+    assert [row["rank"] for row in rows] == [0, 1]
