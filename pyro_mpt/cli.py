@@ -1,7 +1,8 @@
 """``pyro-mpt``: the command-line interface (``demo``, ``reproduce NAME``, ``score MODEL TEXTS``).
 
 ``pyro-mpt score`` also runs data-parallel: ``accelerate launch --num_processes N -m pyro_mpt.cli
-score ...`` (add ``--cpu`` for CPU processes).
+score ...`` on N GPUs; on CPUs ``accelerate launch --multi_gpu --num_processes N`` or ``torchrun
+--nproc_per_node N`` (``accelerate launch --cpu`` starts a single process without MPI).
 """
 
 from __future__ import annotations
@@ -167,7 +168,8 @@ def _add_score(commands, formatter) -> None:
         f"{summary}. Writes one JSON line per text (index, tokens, pll, log_prob, stderr, dof, "
         "masks, forward_rows; prompt_tokens, target_met, curve where they apply), appending to "
         "OUT and skipping the texts already in it. Data-parallel under `accelerate launch "
-        "--num_processes N -m pyro_mpt.cli score ...`: the file is the same for any N."
+        "--num_processes N -m pyro_mpt.cli score ...` (on CPUs: `accelerate launch --multi_gpu "
+        "--num_processes N`, or torchrun): the file is the same for any N."
     )
     score = commands.add_parser("score", help=summary, description=description,
                                 formatter_class=formatter)  # fmt: skip

@@ -94,3 +94,65 @@ class TinyDenoiser(torch.nn.Module):
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# A masked diffusion LM that ships its own code, as LLaDA and Dream do: loading it takes
+# trust_remote_code=True and an explicit mask id (here one appended to GPT-2's vocabulary).
+DIFFUSION_CODE = '''
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import MaskedLMOutput
+
+
+class TinyDiffusionConfig(PretrainedConfig):
+    model_type = "tiny-diffusion"
+
+    def __init__(self, vocab_size=16, hidden_size=32, max_positions=64, **kwargs):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.max_positions = max_positions
+        super().__init__(**kwargs)
+
+
+class TinyDiffusionModel(PreTrainedModel):
+    config_class = TinyDiffusionConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.tokens = torch.nn.Embedding(config.vocab_size, config.hidden_size)
+        self.positions = torch.nn.Embedding(config.max_positions, config.hidden_size)
+        self.layer = torch.nn.TransformerEncoderLayer(
+            config.hidden_size, 2, 2 * config.hidden_size, dropout=0.0, batch_first=True
+        )
+        self.out = torch.nn.Linear(config.hidden_size, config.vocab_size)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None):
+        positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+        hidden = self.layer(self.tokens(input_ids) + self.positions(positions))
+        return MaskedLMOutput(logits=self.out(hidden))
+'''
+
+
+def save_diffusion_checkpoint(folder: Path, tokenizer, seed: int = 0):
+    """Save a TinyDiffusionModel (vocabulary: the tokenizer's plus a mask id) with its code and
+    the tokenizer into ``folder``; return the model."""
+    import importlib.util
+    import sys
+
+    source = folder / "source" / "modeling_tiny_diffusion.py"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_text(DIFFUSION_CODE)
+    spec = importlib.util.spec_from_file_location("modeling_tiny_diffusion", source)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    module.TinyDiffusionConfig.register_for_auto_class()
+    module.TinyDiffusionModel.register_for_auto_class("AutoModel")
+    torch.manual_seed(seed)
+    model = module.TinyDiffusionModel(
+        module.TinyDiffusionConfig(vocab_size=len(tokenizer) + 1, initializer_range=0.5)
+    ).eval()
+    model.save_pretrained(folder / "checkpoint")  # copies the code, writes config.auto_map
+    tokenizer.save_pretrained(folder / "checkpoint")
+    return model

@@ -15,7 +15,14 @@ import pytest
 transformers = pytest.importorskip("transformers", reason="needs the extra 'pyro_mpt[lm]'")
 pytest.importorskip("tokenizers", reason="needs the extra 'pyro_mpt[lm]'")
 
-from lm_models import CORPUS, SENTENCES, tiny_bert, wordpiece  # noqa: E402
+from lm_models import (  # noqa: E402
+    CORPUS,
+    SENTENCES,
+    gpt2_tokenizer,
+    save_diffusion_checkpoint,
+    tiny_bert,
+    wordpiece,
+)
 
 from pyro_mpt.cli import main  # noqa: E402
 from pyro_mpt.lm import MaskedPredictor, StratifiedBins, score_texts  # noqa: E402
@@ -97,6 +104,25 @@ def test_jsonl_prompts_and_continuations(files, tmp_path):
     predictor = MaskedPredictor.from_pretrained(files / "bert")
     [pair] = score_texts(predictor, [("the quick brown", " fox jumps")], indices=[1], pll=False)
     assert records[1] == pair.to_dict()
+
+
+def test_a_diffusion_lm_with_its_own_code_and_gpt2_tokenizer(files, tmp_path, capsys):
+    tokenizer = gpt2_tokenizer(tmp_path / "gpt2")
+    model = save_diffusion_checkpoint(tmp_path, tokenizer)
+    checkpoint = tmp_path / "checkpoint"
+    assert (checkpoint / "modeling_tiny_diffusion.py").is_file()
+    mask_id = str(len(tokenizer))  # appended to the vocabulary
+    out = tmp_path / "scores.jsonl"
+    assert main(["score", str(checkpoint), str(files / "texts.txt"), "--out", str(out),
+                 "--trust-remote-code", "--mask-token-id", mask_id, "--no-progress"]) == 0
+    in_memory = MaskedPredictor(model, tokenizer, mask_token_id=len(tokenizer))
+    expected = [score.to_dict() for score in score_texts(in_memory, TEXTS)]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == expected
+    # Without the mask id: its tokenizer has no mask token, and that is said.
+    code = main(["score", str(checkpoint), str(files / "texts.txt"), "--out", str(out),
+                 "--trust-remote-code", "--no-progress"])  # fmt: skip
+    assert code == 1
+    assert "its tokenizer has no mask token: pass mask_token_id" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content, message", [
@@ -185,6 +211,9 @@ def _free_port() -> int:
 
 
 def test_two_accelerate_processes_write_the_bytes_of_one(files, tmp_path):
+    """``accelerate launch --cpu --num_processes 2`` starts one process (accelerate's multi-CPU
+    launch needs an MPI hostfile); ``--multi_gpu`` starts two torchrun-style processes, which
+    pyro_mpt runs on the CPU (gloo) on a machine without CUDA. The report names the count."""
     pytest.importorskip("accelerate", reason="needs the extra 'pyro_mpt[lm]'")
     arguments = ["score", str(files / "bert"), str(files / "texts.txt"), *OPTIONS,
                  "--chunk-size", "2"]  # fmt: skip
@@ -192,10 +221,12 @@ def test_two_accelerate_processes_write_the_bytes_of_one(files, tmp_path):
     single = subprocess.run([sys.executable, "-m", "pyro_mpt.cli", *arguments, "--out", str(one)],
                             env=environment(), capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port()), "-m", "pyro_mpt.cli"]  # fmt: skip
-    double = subprocess.run([*launch, *arguments, "--out", str(two)], env=environment(),
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+              "-m", "pyro_mpt.cli"]  # fmt: skip
+    double = subprocess.run([*launch, *arguments, "--out", str(two)],
+                            env={**environment(), "ACCELERATE_USE_CPU": "true"},
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert double.returncode == 0, double.stderr
     assert double.stdout.count("scored 14 texts on 2 processes") == 1  # the main one reports

@@ -122,7 +122,7 @@ def test_token_budget_batches_rows_without_changing_the_numbers(predictor, token
     finally:
         handle.remove()
     assert all(r * length <= 40 for r, length in budget_rows)
-    assert len(rows) == 2 * len(SENTENCES)  # one batch of masks and one of PLL rows per text
+    assert len(rows) == len(SENTENCES)  # one batch per text: its masks and its PLL rows
     for a, b in zip(small, large, strict=True):
         assert a.num_masks == b.num_masks and a.forward_rows == b.forward_rows
         assert a.log_prob.mean.item() == pytest.approx(b.log_prob.mean.item(), abs=1e-5)

@@ -7,6 +7,11 @@ split between the processes (``PartialState.split_between_processes``), their re
 (``gather_object``) and the main process writes them. A text's masks are drawn from a generator
 seeded by ``(seed, index)`` and its forward passes never contain another text, so the file does not
 depend on N: N processes write the bytes one process writes.
+
+On CPUs, ``accelerate launch --cpu --num_processes N`` starts a single process unless MPI is set
+up (accelerate's multi-CPU launcher is ``mpirun``); ``accelerate launch --multi_gpu
+--num_processes N`` and ``torchrun --nproc_per_node N`` start N, and on a machine without CUDA
+they score on the CPU with gloo.
 """
 
 from __future__ import annotations
@@ -99,17 +104,28 @@ class _SingleProcess:
 
 
 def _process_state():
-    """``accelerate.PartialState()`` when accelerate is installed, else a single process."""
+    """``accelerate.PartialState()`` when accelerate is installed, else a single process.
+
+    The processes work on the CPU (gloo) when ``ACCELERATE_USE_CPU`` is set, or when several were
+    launched (``accelerate launch --multi_gpu``, ``torchrun``) on a machine without CUDA:
+    ``PartialState`` would otherwise see no distributed setup there and let every process score
+    every text.
+    """
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
     except ImportError:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if several:
             raise ImportError(
                 "several processes were launched but accelerate is not installed: "
                 "pip install 'pyro_mpt[lm]'"
             ) from None
         return _SingleProcess()
-    return PartialState()
+    import torch
+
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (several and not torch.cuda.is_available())
+    return PartialState(cpu=cpu)
 
 
 def _read_done(out: Path, count: int, state) -> set[int]:

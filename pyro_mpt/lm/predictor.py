@@ -192,9 +192,10 @@ class MaskedPredictor:
         """Load a model and its tokenizer from a local checkpoint directory (nothing is
         downloaded).
 
-        ``AutoModelForMaskedLM`` is tried first; with ``mask_token_id`` given, an architecture it
-        does not know is loaded with ``AutoModel`` (with ``trust_remote_code``, a masked diffusion
-        LM's own code shipped in the directory).
+        ``AutoModelForMaskedLM`` is tried first. An architecture it does not know is loaded with
+        ``AutoModel`` when ``mask_token_id`` is given or ``trust_remote_code`` is set (a masked
+        diffusion LM whose own code ships in the directory: LLaDA, Dream); the mask id is then
+        ``mask_token_id``, else the tokenizer's.
 
         Example:
             >>> predictor = MaskedPredictor.from_pretrained("/path/to/bert")  # doctest: +SKIP
@@ -217,9 +218,16 @@ class MaskedPredictor:
         try:
             model = transformers.AutoModelForMaskedLM.from_pretrained(path, **options)
         except ValueError:  # "Unrecognized configuration class ... for AutoModelForMaskedLM"
-            if mask_token_id is None:
+            if mask_token_id is None and not trust_remote_code:
                 raise
             model = transformers.AutoModel.from_pretrained(path, **options)
+            if mask_token_id is None:
+                mask_token_id = getattr(tokenizer, "mask_token_id", None)
+                if mask_token_id is None:
+                    raise ValueError(
+                        f"{type(model).__name__} is not a masked LM and its tokenizer has no mask "
+                        "token: pass mask_token_id"
+                    ) from None
         if device is not None:
             model = model.to(device)
         return cls(model.eval(), tokenizer, mask_token_id, device=device,
@@ -363,17 +371,19 @@ class MaskedPredictor:
         sums = torch.zeros(len(masks), dtype=torch.float64)
         todo = masks.any(-1).nonzero().squeeze(-1)
         step = len(todo) if rows_per_batch is None else rows_per_batch
-        training = getattr(self.model, "training", None)
-        if isinstance(self.model, torch.nn.Module):
-            self.model.eval()  # dropout would make the scores random
+        # Dropout would make the scores random. (Switching modes walks every submodule: ~0.4 ms a
+        # call for a small BERT, so only when needed.)
+        training = isinstance(self.model, torch.nn.Module) and self.model.training
+        if training:
+            self.model.eval()
         try:
             with torch.no_grad():
                 for start in range(0, len(todo), max(1, step)):
                     rows = todo[start : start + step]
                     sums[rows] = self._batch_sums(text, masks[rows])
         finally:
-            if isinstance(self.model, torch.nn.Module):
-                self.model.train(training)
+            if training:
+                self.model.train()
         return sums
 
     def _batch_sums(self, text: EncodedText, masks: torch.Tensor) -> torch.Tensor:

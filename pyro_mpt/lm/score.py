@@ -313,10 +313,19 @@ def _score_one(
     sums: list[torch.Tensor] = []
     replicates = 1 if drawn.exact else num_masks  # every mask once: no error to estimate
     per_replicate = None
+    # The PLL's D single-token masks go with the first round's: fewer, fuller forward passes.
+    singles = torch.eye(size, dtype=torch.bool) if pll else torch.zeros(0, size, dtype=torch.bool)
+    pseudo = None
     while True:
         draw = drawn.sample(size, (), replicates, generator, dtype=torch.float64)
         draws.append((draw, replicates))
-        sums.append(predictor.masked_sums(text, draw.masks, rows_per_batch))
+        if not sums:
+            both = predictor.masked_sums(text, torch.cat([draw.masks, singles]), rows_per_batch)
+            sums.append(both[: len(draw.masks)])
+            if pll:
+                pseudo = float(both[len(draw.masks) :].sum())
+        else:
+            sums.append(predictor.masked_sums(text, draw.masks, rows_per_batch))
         sample = _combine(draws)
         estimate = sample.estimate(torch.cat(sums), summed=True)
         if per_replicate is None:
@@ -332,12 +341,7 @@ def _score_one(
         needed = math.ceil(done * (stderr / target) ** 2) if math.isfinite(stderr) else 2 * done
         replicates = min(room, max(1, needed - done))
     total_sums = torch.cat(sums)
-    rows = int(sample.masks.any(-1).sum())
-    pseudo = None
-    if pll:
-        singles = torch.eye(size, dtype=torch.bool)
-        pseudo = float(predictor.masked_sums(text, singles, rows_per_batch).sum())
-        rows += size
+    rows = int(sample.masks.any(-1).sum()) + len(singles)
     return TextScore(
         index=index,
         num_tokens=size,
