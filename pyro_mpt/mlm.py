@@ -82,6 +82,7 @@ __all__ = [
     "mlm_curve",
     "mlm_score",
     "train_wordpiece_tokenizer",
+    "word_level_tokenizer",
 ]
 
 #: The paper's E4 grid of masking rates, 1% to 99%.
@@ -407,6 +408,51 @@ def train_wordpiece_tokenizer(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    tokenizer.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, model_max_length=max_length, **special
+    )
+
+
+def word_level_tokenizer(texts: Iterable[str], lowercase: bool = True, max_length: int = 512):
+    """A BERT-style tokenizer whose vocabulary is every word and punctuation mark of ``texts``.
+
+    The same ``[PAD] [UNK] [CLS] [SEP] [MASK]`` (ids 0-4), normalisation and ``[CLS] text [SEP]``
+    template as :func:`train_wordpiece_tokenizer`, but no subwords: the words, sorted, are the
+    vocabulary, so the same texts always give the same ids. (``tokenizers``' WordPiece trainer
+    breaks ties differently from one process to the next: the vocabulary, and every number
+    computed with it, changes between runs.) A word not in ``texts`` becomes ``[UNK]``.
+
+    Example:
+        >>> tok = word_level_tokenizer(["The cat sat.", "a dog"])
+        >>> tok.convert_ids_to_tokens(tok("the cat, a zebra")["input_ids"])
+        ['[CLS]', 'the', 'cat', '[UNK]', 'a', '[UNK]', '[SEP]']
+        >>> tok.convert_ids_to_tokens(list(range(5, len(tok))))
+        ['.', 'a', 'cat', 'dog', 'sat', 'the']
+    """
+    require_transformers()
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    words = {
+        word
+        for text in texts
+        for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text))
+    }
+    special = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
+               "sep_token": "[SEP]", "mask_token": "[MASK]"}  # fmt: skip
+    tokens = [*special.values(), *sorted(words - set(special.values()))]
+    vocabulary = {token: index for index, token in enumerate(tokens)}
+    tokenizer = Tokenizer(models.WordPiece(vocabulary, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = splitter
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocabulary["[CLS]"]), ("[SEP]", vocabulary["[SEP]"])],
     )
     tokenizer.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(

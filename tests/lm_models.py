@@ -1,8 +1,9 @@
 """Tiny language models and tokenizers for the pyro_mpt.lm tests, built offline from configs.
 
-* :func:`wordpiece` and :func:`tiny_bert`: a BERT-style masked LM and its tokenizer (as in
-  ``tests/test_mlm.py``); ``initializer_range=0.2`` makes the untrained conditionals far from
-  uniform and context-dependent.
+* :func:`word_tokenizer` and :func:`tiny_bert`: a BERT-style masked LM and its tokenizer (as in
+  ``tests/test_mlm.py``, but with a word-level vocabulary: the trained WordPiece one changes from
+  run to run); ``initializer_range=0.2`` makes the untrained conditionals far from uniform and
+  context-dependent.
 * :func:`gpt2_tokenizer`: a GPT-2 tokenizer (byte-level BPE trained here) with no mask token.
 * :class:`TinyDenoiser`: a plain ``nn.Module`` ``input_ids -> logits`` whose vocabulary is the
   tokenizer's plus one appended mask id, as a diffusion LM built on GPT-2's tokenizer has.
@@ -35,10 +36,10 @@ CORPUS = [
 ]  # fmt: skip
 
 
-def wordpiece():
-    from pyro_mpt.mlm import train_wordpiece_tokenizer
+def word_tokenizer():
+    from pyro_mpt.mlm import word_level_tokenizer
 
-    return train_wordpiece_tokenizer(SENTENCES, vocab_size=120)
+    return word_level_tokenizer(SENTENCES + CORPUS)
 
 
 def tiny_bert(tokenizer, seed: int = 0, initializer_range: float = 0.2, max_length: int = 32):

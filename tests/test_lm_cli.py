@@ -21,7 +21,7 @@ from lm_models import (  # noqa: E402
     gpt2_tokenizer,
     save_diffusion_checkpoint,
     tiny_bert,
-    wordpiece,
+    word_tokenizer,
 )
 
 from pyro_mpt.cli import main  # noqa: E402
@@ -37,7 +37,7 @@ OPTIONS = ["--target-stderr", "0.3", "--curve", "--max-strata", "4", "--seed", "
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("score")
-    tokenizer = wordpiece()
+    tokenizer = word_tokenizer()
     model = tiny_bert(tokenizer)
     model.save_pretrained(folder / "bert")
     tokenizer.save_pretrained(folder / "bert")

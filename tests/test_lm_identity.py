@@ -17,7 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="needs the extra 'pyro_mpt[lm]'")
 pytest.importorskip("tokenizers", reason="needs the extra 'pyro_mpt[lm]'")
 
-from lm_models import CORPUS, tiny_bert, wordpiece  # noqa: E402
+from lm_models import CORPUS, tiny_bert, word_tokenizer  # noqa: E402
 
 from pyro_mpt.lm import DiffusionTime, MaskedPredictor, StratifiedBins, score_texts  # noqa: E402
 from pyro_mpt.masks import Cumulative, Exhaustive, Stratified  # noqa: E402
@@ -25,7 +25,7 @@ from pyro_mpt.masks import Cumulative, Exhaustive, Stratified  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return wordpiece()
+    return word_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +80,11 @@ def test_monte_carlo_nelbo_and_stratified_estimate_agree_on_24_texts(denoiser, t
 
     The t-sampling estimate is skewed: a draw with small t and one masked token weighs 1/t, so a
     run of ~100 draws usually misses the tail and its error bar with it. Measured against the
-    exact values on these 24 texts, its z-scores averaged +0.83 at equal forward passes (the
-    stratified estimate's: +0.02, s.d. 0.89) and 0.00 at ten times as many draws. The agreement
-    check therefore gives the t-sampling side 8x the forward passes.
+    exact values on these 24 texts, its z-scores averaged +0.70 at equal forward passes (the
+    stratified estimate's: 0.00, s.d. 1.23) and +0.02 at ten times as many draws. The agreement
+    check therefore gives the t-sampling side 8x the forward passes. Its error bar stays
+    heavy-tailed: over seeds 0..8 the largest of the 24 gaps was 1.8 to 3.6 combined standard
+    errors (3.56 with the seed used here; everything is seeded, so the test is deterministic).
     """
     predictor = MaskedPredictor(denoiser, tokenizer)
     replicates = 16  # stratified: 16 masks per size, i.e. 16 D forward rows per text
@@ -108,7 +110,7 @@ def test_monte_carlo_nelbo_and_stratified_estimate_agree_on_24_texts(denoiser, t
           f"{statistics.median(ratios):.3f}, max {max(ratios):.3f}")
     assert max(gaps) < 4, gaps
     # At equal forward passes the stratified error is the smaller one (measured: median ratio
-    # 0.12, worst 0.22).
+    # 0.14, worst 0.40; over seeds 0..8, medians 0.12 to 0.18).
     assert statistics.median(ratios) < 0.5 and max(ratios) < 1, ratios
 
 

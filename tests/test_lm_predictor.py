@@ -15,7 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="needs the extra 'pyro_mpt[lm]'")
 pytest.importorskip("tokenizers", reason="needs the extra 'pyro_mpt[lm]'")
 
-from lm_models import SENTENCES, TinyDenoiser, gpt2_tokenizer, tiny_bert, wordpiece  # noqa: E402
+from lm_models import SENTENCES, TinyDenoiser, gpt2_tokenizer, tiny_bert, word_tokenizer  # noqa: E402
 
 from pyro_mpt.lm import MaskedPredictor, StratifiedBins, score_texts  # noqa: E402
 from pyro_mpt.masks import Cumulative, Exhaustive  # noqa: E402
@@ -24,7 +24,7 @@ from pyro_mpt.mlm import mlm_curve, mlm_score  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return wordpiece()
+    return word_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="needs the extra 'pyro_mpt[lm]'")
 pytest.importorskip("tokenizers", reason="needs the extra 'pyro_mpt[lm]'")
 
-from lm_models import CORPUS, SENTENCES, tiny_bert, wordpiece  # noqa: E402
+from lm_models import CORPUS, SENTENCES, tiny_bert, word_tokenizer  # noqa: E402
 
 from pyro_mpt.lm import (  # noqa: E402
     DiffusionTime,
@@ -22,7 +22,7 @@ from pyro_mpt.masks import Cumulative, Exhaustive  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return wordpiece()
+    return word_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +176,16 @@ def test_bad_options_are_refused(predictor):
         score_texts(predictor, [])
     # The mask scheme's own device: a mask drawn for CPU scoring stays on the CPU.
     assert text_generator(0, 0).device == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_model_on_cuda_scores_as_on_the_cpu(tokenizer):
+    model = tiny_bert(tokenizer)
+    options = dict(curve=True, seed=4, exhaustive_up_to=0)
+    on_cpu = score_texts(MaskedPredictor(model, tokenizer), SENTENCES, **options)
+    on_cuda = score_texts(MaskedPredictor(model.cuda(), tokenizer), SENTENCES, **options)
+    for a, b in zip(on_cpu, on_cuda, strict=True):
+        assert a.num_masks == b.num_masks  # masks come from CPU generators either way
+        assert a.log_prob.mean.item() == pytest.approx(b.log_prob.mean.item(), abs=1e-3)
+        assert a.pseudo_log_likelihood == pytest.approx(b.pseudo_log_likelihood, abs=1e-3)
+        torch.testing.assert_close(a.curve.mean, b.curve.mean, atol=1e-3, rtol=0)

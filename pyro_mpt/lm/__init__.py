@@ -31,13 +31,13 @@ Nothing is downloaded: models are read from local directories.
 Example:
     >>> import torch
     >>> from pyro_mpt.lm import MaskedPredictor, score_texts
-    >>> from pyro_mpt.mlm import train_wordpiece_tokenizer
-    >>> tokenizer = train_wordpiece_tokenizer(["the cat sat on the mat"], vocab_size=40)
+    >>> from pyro_mpt.mlm import word_level_tokenizer
+    >>> tokenizer = word_level_tokenizer(["the cat sat on the mat"])
     >>> uniform = lambda input_ids: torch.zeros(*input_ids.shape, len(tokenizer))
     >>> predictor = MaskedPredictor(uniform, tokenizer, mask_token_id=tokenizer.mask_token_id)
     >>> [score] = score_texts(predictor, ["the cat sat"])
-    >>> score.num_tokens, round(score.pseudo_log_likelihood, 3)  # 3 tokens, each -ln 26
-    (3, -9.774)
+    >>> score.num_tokens, round(score.pseudo_log_likelihood, 3)  # 3 tokens, each -ln 10
+    (3, -6.908)
 """
 
 from .corpus import read_texts, score_file

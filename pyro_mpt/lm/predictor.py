@@ -126,16 +126,16 @@ class MaskedPredictor:
 
     Example:
         >>> import torch
-        >>> from pyro_mpt.mlm import train_wordpiece_tokenizer
-        >>> tokenizer = train_wordpiece_tokenizer(["the cat sat on the mat"], vocab_size=40)
+        >>> from pyro_mpt.mlm import word_level_tokenizer
+        >>> tokenizer = word_level_tokenizer(["the cat sat on the mat"])
         >>> uniform = lambda input_ids: torch.zeros(*input_ids.shape, len(tokenizer))
         >>> predictor = MaskedPredictor(uniform, tokenizer, mask_token_id=tokenizer.mask_token_id)
         >>> text = predictor.encode("the cat")
         >>> text.positions.tolist()  # [CLS] the cat [SEP]
         [1, 2]
-        >>> # uniform over 26 tokens: log p = -ln 26 = -3.2581 per hidden token
+        >>> # uniform over 10 tokens: log p = -ln 10 = -2.3026 per hidden token
         >>> predictor.masked_sums(text, torch.tensor([[True, False], [True, True]]))
-        tensor([-3.2581, -6.5162], dtype=torch.float64)
+        tensor([-2.3026, -4.6052], dtype=torch.float64)
     """
 
     def __init__(

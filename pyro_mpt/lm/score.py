@@ -252,15 +252,15 @@ def score_texts(
 
     Example:
         >>> import torch
-        >>> from pyro_mpt.mlm import train_wordpiece_tokenizer
-        >>> tokenizer = train_wordpiece_tokenizer(["the cat sat on the mat"], vocab_size=40)
+        >>> from pyro_mpt.mlm import word_level_tokenizer
+        >>> tokenizer = word_level_tokenizer(["the cat sat on the mat"])
         >>> uniform = lambda input_ids: torch.zeros(*input_ids.shape, len(tokenizer))
         >>> predictor = MaskedPredictor(uniform, tokenizer, mask_token_id=tokenizer.mask_token_id)
         >>> [score] = score_texts(predictor, [("the cat", " sat on the mat")], curve=True)
         >>> score.num_tokens, score.prompt_tokens, round(score.log_prob.mean.item(), 3)
-        (4, 2, -13.032)
-        >>> score.curve.mean  # at every size, -ln 26 (the vocabulary) per token
-        tensor([-3.2581, -3.2581, -3.2581, -3.2581], dtype=torch.float64)
+        (4, 2, -9.21)
+        >>> score.curve.mean  # at every size, -ln 10 (the vocabulary) per token
+        tensor([-2.3026, -2.3026, -2.3026, -2.3026], dtype=torch.float64)
     """
     masks = StratifiedBins() if masks is None else masks
     _check_options(masks, num_masks, target_stderr, per_token, max_masks, token_budget,
