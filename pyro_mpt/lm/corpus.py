@@ -201,8 +201,8 @@ def score_file(
             ``token_budget``, ``exhaustive_up_to``).
 
     Returns:
-        ``{"texts": N, "skipped": already done, "scored": scored now, "target_missed": texts of
-        this run whose standard error stayed above the target}``.
+        A dict: ``texts`` (in the input), ``skipped`` (already in ``out``), ``scored`` (now) and
+        ``target_missed`` (texts of this run whose standard error stayed above the target).
 
     Example:
         >>> score_file(predictor, "texts.txt", "scores.jsonl", target_stderr=0.5)  # doctest: +SKIP

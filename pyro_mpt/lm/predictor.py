@@ -120,8 +120,8 @@ class MaskedPredictor:
             LMs adapted from autoregressive ones (Dream); they are shifted back by one.
 
     A token is scored unless its id is special: one of ``tokenizer.all_special_ids`` or the mask
-    id, whether the tokenizer added it or it was typed in the text ("[MASK]", "[SEP]",
-    "<|endoftext|>"); ``[UNK]`` is special too. This is the rule of Hugging Face's
+    id, whether the tokenizer added it or it was typed in the text (``[MASK]``, ``[SEP]``,
+    ``<|endoftext|>``); ``[UNK]`` is special too. This is the rule of Hugging Face's
     ``DataCollatorForLanguageModeling``.
 
     Example:
