@@ -205,7 +205,8 @@ def _add_score(commands, formatter) -> None:
     score.add_argument("--per-token", action="store_true",
                        help="--target-stderr is per scored token")
     score.add_argument("--max-masks", type=_positive_int, default=4096,
-                       help="most Monte-Carlo masks per text")
+                       help="most Monte-Carlo masks per text for --target-stderr (the first "
+                            "round, --num-masks replicates, is always drawn)")  # fmt: skip
     score.add_argument("--no-pll", action="store_true",
                        help="skip the pseudo-log-likelihood (D forward rows per text)")
     score.add_argument("--curve", action="store_true",
@@ -243,8 +244,9 @@ def _score(args: argparse.Namespace) -> int:
 
         transformers_logging.disable_progress_bar()  # "Loading weights"
     device = args.device
-    if device is None:
-        device = getattr(_process_state(), "device", "cpu")
+    if device is None:  # accelerate's choice for this process, else the GPU if there is one
+        fallback = "cuda" if torch.cuda.is_available() else "cpu"
+        device = getattr(_process_state(), "device", fallback)
     try:
         predictor = MaskedPredictor.from_pretrained(
             args.model, args.mask_token_id, trust_remote_code=args.trust_remote_code,

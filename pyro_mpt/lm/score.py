@@ -234,7 +234,8 @@ def score_texts(
             estimated error biases the estimate by a small fraction of the error (the same
             masks decide both); report ``target_met``.
         per_token: ``target_stderr`` is in nats per scored token.
-        max_masks: the most Monte-Carlo masks per text (the cap for ``target_stderr``).
+        max_masks: the most Monte-Carlo masks per text that ``target_stderr`` may draw (the
+            first round, ``num_masks`` replicates, is always drawn).
         pll: also compute the exact pseudo-log-likelihood (D more rows per text).
         curve: also return the per-stratum curve (needs :class:`~pyro_mpt.lm.StratifiedBins`).
         seed: with the text's index, seeds its masks (see :func:`text_generator`).
@@ -274,16 +275,27 @@ def score_texts(
     if len(indices) != len(encoded):
         raise ValueError(f"indices must give one index per text ({len(encoded)}), got "
                          f"{len(indices)}")  # fmt: skip
-    results = []
-    for text, index in tqdm(list(zip(encoded, indices, strict=True)), desc="scoring",
-                            disable=not progress, leave=False):  # fmt: skip
-        generator = text_generator(seed, index)
-        results.append(
-            _score_one(predictor, text, index, generator, masks, num_masks, target_stderr,
-                       per_token, max_masks, pll, curve, token_budget,
-                       exhaustive_up_to)  # fmt: skip
-        )
-    return results
+    settings = _Settings(masks, num_masks, target_stderr, per_token, max_masks, pll, curve,
+                         token_budget, exhaustive_up_to)  # fmt: skip
+    return [
+        _score_one(predictor, text, index, text_generator(seed, index), settings)
+        for text, index in tqdm(list(zip(encoded, indices, strict=True)), desc="scoring",
+                                disable=not progress, leave=False)  # fmt: skip
+    ]
+
+
+class _Settings(NamedTuple):
+    """The options of :func:`score_texts` that every text is scored with."""
+
+    scheme: MaskScheme
+    num_masks: int
+    target_stderr: float | None
+    per_token: bool
+    max_masks: int
+    pll: bool
+    curve: bool
+    token_budget: int
+    exhaustive_up_to: int
 
 
 def _score_one(
@@ -291,27 +303,22 @@ def _score_one(
     text: EncodedText,
     index: int,
     generator: torch.Generator,
-    scheme: MaskScheme,
-    num_masks: int,
-    target_stderr: float | None,
-    per_token: bool,
-    max_masks: int,
-    pll: bool,
-    curve: bool,
-    token_budget: int,
-    exhaustive_up_to: int,
+    settings: _Settings,
 ) -> TextScore:
+    """Draw rounds of masks for one text until its standard error meets the target (or the cap),
+    all forward passes on this text alone."""
+    scheme, pll, max_masks = settings.scheme, settings.pll, settings.max_masks
     size = len(text.positions)
     drawn = scheme
-    if not scheme.exact and size <= 20 and 2**size - 1 <= exhaustive_up_to:
+    if not scheme.exact and size <= 20 and 2**size - 1 <= settings.exhaustive_up_to:
         drawn = Exhaustive()
-    rows_per_batch = max(1, token_budget // len(text.input_ids))
-    target = None
-    if target_stderr is not None:
-        target = target_stderr * size if per_token else target_stderr
+    rows_per_batch = max(1, settings.token_budget // len(text.input_ids))
+    target = settings.target_stderr
+    if target is not None and settings.per_token:
+        target = target * size
     draws: list[tuple[MaskSample, int]] = []
     sums: list[torch.Tensor] = []
-    replicates = 1 if drawn.exact else num_masks  # every mask once: no error to estimate
+    replicates = 1 if drawn.exact else settings.num_masks  # exact: every mask once, no error
     per_replicate = None
     # The PLL's D single-token masks go with the first round's: fewer, fuller forward passes.
     singles = torch.eye(size, dtype=torch.bool) if pll else torch.zeros(0, size, dtype=torch.bool)
@@ -351,5 +358,5 @@ def _score_one(
         num_masks=len(sample.masks),
         forward_rows=rows,
         target_met=None if target is None else bool(float(estimate.stderr) <= target),
-        curve=_curve(scheme, sample, total_sums, size) if curve else None,
+        curve=_curve(scheme, sample, total_sums, size) if settings.curve else None,
     )
