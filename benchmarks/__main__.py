@@ -18,14 +18,21 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
+def _value(r: dict, side: str) -> str:
+    """A row's value with its unit: a time (``ours_ms``) or a count (``ours_value``, ``unit``)."""
+    if "unit" in r:
+        return f"{r[side + '_value']} {r['unit']}"
+    return f"{r[side + '_ms']} ms"
+
+
 def format_table(rows: list[dict]) -> str:
     header = (
-        "| benchmark | case | threads | ours (ms) | anchor | anchor (ms) | ratio |\n"
+        "| benchmark | case | threads | ours | anchor | anchor's | ratio |\n"
         "|---|---|---|---|---|---|---|"
     )
     lines = [
-        f"| {r['benchmark']} | {r['case']} | {r['threads']} | {r['ours_ms']} | {r['anchor']} "
-        f"| {r['anchor_ms']} | {r['ratio']} |"
+        f"| {r['benchmark']} | {r['case']} | {r['threads']} | {_value(r, 'ours')} | {r['anchor']} "
+        f"| {_value(r, 'anchor')} | {r['ratio']} |"
         for r in rows
     ]
     return "\n".join([header, *lines])
