@@ -385,26 +385,10 @@ class MaskedPretrainingELBO(ELBO):
             spreads = {z: _covariance(latents[z]) for z in local}
             lead = (draw.masks.shape[0], num)
             for _ in range(self.adapt_steps):
-                # Two Gaussians per row: one fitted to p(z | x_R) (per mask), one to p(z | x);
-                # every p(z | x_R, x_j) lies between them. Half the particles from each, weighted
-                # by the mixture density (deterministic mixture, balance heuristic).
                 visible_w = importance_log_weights(log_lik, draw.masks, log_weights)
                 pooled = _pool_draws(log_lik), _pool_draws(log_weights)
-                full_w = importance_log_weights(pooled[0], None, pooled[1])
-                halves = {}
-                for z in local:
-                    given_r = fit_gaussian_proposal(latents[z], visible_w, spreads[z])
-                    given_x = fit_gaussian_proposal(_pool_draws(latents[z]), full_w, spreads[z])
-                    halves[z] = (given_r, given_x)
-                latents, log_q_parts = {}, ([], [])
-                for z, (given_r, given_x) in halves.items():
-                    first = given_r.sample((num - num // 2,))
-                    second = given_x.sample((num // 2,)).expand(-1, *first.shape[1:])
-                    both = torch.cat([first, second]).movedim(0, 1)  # (S, K, *batch, L)
-                    latents[z] = both
-                    for part, q in zip(log_q_parts, (given_r, given_x), strict=True):
-                        part.append(q.log_prob(both.movedim(1, 0)).movedim(0, 1))
-                log_q = torch.logaddexp(sum(log_q_parts[0]), sum(log_q_parts[1])) - math.log(2)
+                full_w = importance_log_weights(*pooled[:1], None, pooled[1])
+                latents, log_q = _mixture_draw(latents, visible_w, full_w, spreads, num)
                 trace = self._trace_at(
                     model, args, kwargs, full_model_trace, integrated, nesting, batch_shape,
                     {z: (latents[z], particles.nodes[z]["fn"].event_dim) for z in local},
@@ -815,6 +799,27 @@ def _is_real_vector(fn) -> bool:
 def _as_vector(site) -> torch.Tensor:
     value = site["value"]
     return value.unsqueeze(-1) if site["fn"].event_dim == 0 else value
+
+
+def _mixture_draw(latents, visible_weights, full_weights, spreads, num):
+    """One round of adaptive importance sampling: new particles ``(S, K, *batch, L)`` per latent
+    and their log proposal density ``(S, K, *batch)``.
+
+    Two Gaussians per row: one fitted to the particles weighted towards p(z | x_R) (per mask),
+    one towards p(z | x) (pooled over masks); every p(z | x_R, x_j), whose normaliser is the
+    numerator of a conditional, lies between them. Half the particles come from each and are
+    weighted by the mixture density (deterministic mixture, balance heuristic).
+    """
+    drawn, log_q = {}, ([], [])
+    for z, particles in latents.items():
+        given_r = fit_gaussian_proposal(particles, visible_weights, spreads[z])
+        given_x = fit_gaussian_proposal(_pool_draws(particles), full_weights, spreads[z])
+        first = given_r.sample((num - num // 2,))
+        second = given_x.sample((num // 2,)).expand(-1, *first.shape[1:])
+        drawn[z] = torch.cat([first, second]).movedim(0, 1)
+        for part, q in zip(log_q, (given_r, given_x), strict=True):
+            part.append(q.log_prob(drawn[z].movedim(1, 0)).movedim(0, 1))
+    return drawn, torch.logaddexp(sum(log_q[0]), sum(log_q[1])) - math.log(2)
 
 
 def _pool_draws(tensor):
