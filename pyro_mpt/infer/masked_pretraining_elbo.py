@@ -387,7 +387,7 @@ class MaskedPretrainingELBO(ELBO):
             for _ in range(self.adapt_steps):
                 visible_w = importance_log_weights(log_lik, draw.masks, log_weights)
                 pooled = _pool_draws(log_lik), _pool_draws(log_weights)
-                full_w = importance_log_weights(*pooled[:1], None, pooled[1])
+                full_w = importance_log_weights(pooled[0], None, pooled[1])
                 latents, log_q = _mixture_draw(latents, visible_w, full_w, spreads, num)
                 trace = self._trace_at(
                     model, args, kwargs, full_model_trace, integrated, nesting, batch_shape,
