@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import __version__
 from .experiments import EXPERIMENTS
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -121,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Train and compare Bayesian models by masked pre-training.",
         formatter_class=formatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     summary = "PPCA on digits: exact LML vs cumulative vs 15%% MPT"
     demo = commands.add_parser(
