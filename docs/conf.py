@@ -189,9 +189,17 @@ def generate_api() -> None:
 # -- Experiment results --------------------------------------------------------------------------
 
 
+# E1-E6 in the paper's order (the experiments' names in ``pyro-mpt reproduce``), then the rest.
+RESULTS_ORDER = ["convergence", "area", "training", "mlm", "binary", "selection", "arviz"]
+
+
 def generate_results() -> None:
     GENERATED.mkdir(parents=True, exist_ok=True)
-    tables = sorted((DOCS / "results").glob("*.md"))
+    tables = sorted(
+        (DOCS / "results").glob("*.md"),
+        key=lambda path: (RESULTS_ORDER.index(path.stem) if path.stem in RESULTS_ORDER
+                          else len(RESULTS_ORDER), path.stem),
+    )
     lines = [
         "# Reproduced experiments",
         "",
