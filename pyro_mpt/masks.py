@@ -205,7 +205,11 @@ class MaskSample(NamedTuple):
         return self.weights.to(masked_sum) * masked_sum
 
     def estimate(
-        self, log_prob: torch.Tensor, reduction: Reduction = "none", summed: bool = False
+        self,
+        log_prob: torch.Tensor,
+        reduction: Reduction = "none",
+        summed: bool = False,
+        gather: bool = False,
     ) -> MPTEstimate:
         r"""The scheme's estimate from per-dimension log-densities, with its standard error.
 
@@ -214,6 +218,14 @@ class MaskSample(NamedTuple):
             reduction: ``"none"`` (one estimate per row), ``"mean"`` or ``"sum"`` over rows. With
                 independent masks per row the rows' variances are pooled (many degrees of
                 freedom); with shared masks the rows are reduced first, then the draws compared.
+            gather: in a distributed run (``torch.distributed`` initialised, several processes),
+                first gather every process's per-row contributions along the first batch
+                dimension (:func:`pyro_mpt.distributed.gather_rows`, rank order), so that the
+                estimate and its standard error are those of all the rows, never an average of
+                per-process standard errors. The result is detached and the same on every
+                process. With shared masks every process must have drawn the same masks (pass
+                the same ``keys``, not a per-row key). Without a process group it changes
+                nothing.
 
         Example:
             >>> draw = Cumulative().sample(3, (100,), num_masks=2,
@@ -223,6 +235,10 @@ class MaskSample(NamedTuple):
             (-3.0, 0.0, 100.0)
         """
         contributions = self.weighted_sums(log_prob, summed)
+        if gather:
+            from .distributed import gather_rows  # local: torch.distributed only when asked
+
+            contributions = gather_rows(contributions.detach(), dim=1)
         if contributions[0].numel() == 0:
             raise ValueError("there are no rows to score (the batch shape has a zero dimension)")
         if reduction == "none" or contributions.dim() == 1 or self.shared or self.exact:

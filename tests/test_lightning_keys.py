@@ -19,6 +19,7 @@ from pyro_mpt.masks import (
 )
 from pyro_mpt.models import PPCA, BernoulliLatentModel
 from pyro_mpt.models.bernoulli_latent_guide import BernoulliLatentGuide
+from pyro_mpt.scoring import mpt_score
 
 MASK64 = 2**64 - 1
 
@@ -110,6 +111,14 @@ def test_keys_have_one_entry_per_row_or_one_for_shared_masks():
     with pytest.raises(ValueError, match="not both"):
         Cumulative().sample(5, (3,), generator=torch.Generator(), keys=fold_in(0, torch.arange(3)))
     assert Exhaustive().sample(3, (2,), keys=fold_in(0, 1)).exact  # shared: one key
+
+
+def test_mpt_score_with_keys_scores_each_row_alike_in_any_batch():
+    d = dist.LowRankMultivariateNormal(torch.zeros(5), torch.ones(5, 2), torch.ones(5))
+    x, keys = torch.randn(9, 5), fold_in(0, torch.arange(9))
+    whole = mpt_score(d, x, num_masks=3, keys=keys)
+    part = mpt_score(d, x[4:], num_masks=3, keys=keys[4:])
+    assert torch.equal(whole.mean[4:], part.mean)
 
 
 # ------------------------------------------------------------------ MaskedPretrainingELBO(seed=)
