@@ -85,10 +85,8 @@ class MPTLightningModule(pl.LightningModule):
         index, x = batch
         # The global row indices go to the plate: the same keys on any number of processes.
         loss = self.loss_fn(x, num_data=len(self.data), subsample=index) / len(self.data)
-        # DDP averages gradients over processes, so the mean loss is that of the global batch.
-        mean = self.trainer.strategy.reduce(loss.detach().clone(), reduce_op="mean")  # in place
-        self.history["loss"].append(mean.item())
-        self.log("loss", mean, prog_bar=True)
+        self.history["loss"].append(loss.item())  # this process's; averaged at the end
+        self.log("loss", loss, prog_bar=True)
         return loss
 
     def configure_optimizers(self):
@@ -110,6 +108,10 @@ class MPTLightningModule(pl.LightningModule):
 
     def on_train_end(self):  # after StochasticWeightAveraging has set the averaged weights
         self.history["evaluations"].append(self.evaluate("after"))
+        # DDP averages the gradients of the processes, so the mean of their losses is the loss
+        # of the global batch (gathered once here rather than synchronised at every step).
+        losses = gather_rows(torch.tensor(self.history["loss"]).unsqueeze(0))
+        self.history["loss"] = losses.mean(0).tolist()
 
     @torch.no_grad()
     def evaluate(self, when: str) -> dict:
