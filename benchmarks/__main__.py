@@ -18,22 +18,30 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
+def _value(r: dict, side: str) -> str:
+    """A row's value with its unit: a time (``ours_ms``) or a count (``ours_value``, ``unit``)."""
+    if "unit" in r:
+        return f"{r[side + '_value']} {r['unit']}"
+    return f"{r[side + '_ms']} ms"
+
+
 def format_table(rows: list[dict]) -> str:
     header = (
-        "| benchmark | case | ours (ms) | anchor | anchor (ms) | ratio |\n|---|---|---|---|---|---|"
+        "| benchmark | case | threads | ours | anchor | anchor's | ratio |\n"
+        "|---|---|---|---|---|---|---|"
     )
     lines = [
-        f"| {r['benchmark']} | {r['case']} | {r['ours_ms']} | {r['anchor']} | {r['anchor_ms']} "
-        f"| {r['ratio']} |"
+        f"| {r['benchmark']} | {r['case']} | {r['threads']} | {_value(r, 'ours')} | {r['anchor']} "
+        f"| {_value(r, 'anchor')} | {r['ratio']} |"
         for r in rows
     ]
     return "\n".join([header, *lines])
 
 
 def main(names: list[str]) -> None:
-    # One intra-op thread: on a 2-core machine with anything else running, two threads make
-    # torch's small batched kernels spin and the ratios turn into noise.
-    torch.set_num_threads(1)
+    # Every module at one intra-op thread and at torch's default (what users have): on a busy
+    # machine the default makes small batched kernels spin, which is what pyro_mpt.threads is for.
+    default_threads = torch.get_num_threads()
     available = sorted(
         m.name
         for m in pkgutil.iter_modules([str(Path(__file__).parent)])
@@ -43,14 +51,19 @@ def main(names: list[str]) -> None:
     RESULTS.mkdir(exist_ok=True)
     sections = []
     for name in selected:
-        rows = importlib.import_module(f"benchmarks.{name}").run()
+        module = importlib.import_module(f"benchmarks.{name}")
+        rows = []
+        for threads in sorted({1, default_threads}):
+            torch.set_num_threads(threads)
+            rows += [{**r, "threads": threads} for r in module.run()]
+        torch.set_num_threads(default_threads)
         table = format_table(rows)
         print(f"\n## {name}\n{table}", flush=True)
         (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
         sections.append(f"## {name}\n\n{table}\n")
     machine = (
-        f"{platform.processor() or platform.machine()}, "
-        f"intra-op threads: {torch.get_num_threads()}, torch {torch.__version__}"
+        f"{platform.processor() or platform.machine()}, default intra-op threads: "
+        f"{default_threads}, torch {torch.__version__}"
     )
     if not names:
         (RESULTS / "README.md").write_text(

@@ -18,6 +18,21 @@ def best_time(fn: Callable[[], object], repeat: int = 5, number: int = 1) -> flo
     return best
 
 
+def count_row(
+    benchmark: str, case: str, ours: float, anchor: float, anchor_name: str, unit: str
+) -> dict:
+    """A result row of counts (e.g. forward passes), not times: ours, the anchor's, the ratio."""
+    return {
+        "benchmark": benchmark,
+        "case": case,
+        "ours_value": round(ours, 4),
+        "anchor": anchor_name,
+        "anchor_value": round(anchor, 4),
+        "unit": unit,
+        "ratio": round(ours / anchor, 3),
+    }
+
+
 def row(benchmark: str, case: str, ours: float, anchor: float, anchor_name: str) -> dict:
     """One result row: our time, the anchor's, and their ratio (ours / anchor)."""
     return {

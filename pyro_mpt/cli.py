@@ -1,4 +1,9 @@
-"""``pyro-mpt``: the command-line interface (``pyro-mpt demo``, ``pyro-mpt reproduce NAME``)."""
+"""``pyro-mpt``: the command-line interface (``demo``, ``reproduce NAME``, ``score MODEL TEXTS``).
+
+``pyro-mpt score`` also runs data-parallel: ``accelerate launch --num_processes N -m pyro_mpt.cli
+score ...`` on N GPUs; on CPUs ``accelerate launch --multi_gpu --num_processes N`` or ``torchrun
+--nproc_per_node N`` (``accelerate launch --cpu`` starts a single process without MPI).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import __version__
 from .experiments import EXPERIMENTS
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -69,6 +75,46 @@ def _output_folder(text: str) -> Path:
     return Path(text)
 
 
+def _checkpoint(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a local checkpoint directory (a folder with config.json, as "
+            "save_pretrained writes it)"
+        )
+    return path
+
+
+def _input_file(text: str) -> Path:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file")
+    return Path(text)
+
+
+def _output_file(text: str) -> Path:
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+    problem = _folder_problem(path.parent)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return path
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MASK_SCHEMES = ("stratified", "cumulative", "diffusion-time")
+
+
 def _parser() -> argparse.ArgumentParser:
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
@@ -76,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Train and compare Bayesian models by masked pre-training.",
         formatter_class=formatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     summary = "PPCA on digits: exact LML vs cumulative vs 15%% MPT"
     demo = commands.add_parser(
@@ -113,7 +160,118 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.set_defaults(
         subparser=reproduce, folders=lambda args: [args.out / name for name in _names(args)]
     )
+    _add_score(commands, formatter)
     return parser
+
+
+def _add_score(commands, formatter) -> None:
+    summary = "score a masked or diffusion LM on a text file: PLL, log p(x) ± s.e., curve"
+    description = (
+        f"{summary}. Writes one JSON line per text (index, tokens, pll, log_prob, stderr, dof, "
+        "masks, forward_rows; prompt_tokens, target_met, curve where they apply), appending to "
+        "OUT and skipping the texts already in it. Data-parallel under `accelerate launch "
+        "--num_processes N -m pyro_mpt.cli score ...` (on CPUs: `accelerate launch --multi_gpu "
+        "--num_processes N`, or torchrun): the file is the same for any N."
+    )
+    score = commands.add_parser("score", help=summary, description=description,
+                                formatter_class=formatter)  # fmt: skip
+    score.add_argument("model", type=_checkpoint,
+                       help="local checkpoint directory (model and tokenizer)")
+    score.add_argument("texts", type=_input_file,
+                       help="one text per line, or JSONL with 'text' or 'prompt'+'continuation'")
+    score.add_argument("--out", type=_output_file, required=True,
+                       help="JSONL output file (appended to, resumed)")
+    score.add_argument("--format", choices=["auto", "lines", "jsonl"], default="auto",
+                       help="input format; auto: JSONL for *.jsonl and *.json")
+    score.add_argument("--mask-token-id", type=_non_negative_int, default=None,
+                       help="the model's mask id (default: the tokenizer's mask token)")
+    score.add_argument("--trust-remote-code", action="store_true",
+                       help="run the model code shipped in the checkpoint (diffusion LMs)")
+    score.add_argument("--shift-logits", action="store_true",
+                       help="logits at position i predict token i+1 (Dream): shift them back")
+    score.add_argument("--dtype", choices=sorted(MODEL_DTYPES), default="float32",
+                       help="dtype the model is loaded in")
+    score.add_argument("--device", default=None,
+                       help="device of the model (default: this process's accelerate device)")
+    score.add_argument("--masks", choices=MASK_SCHEMES, default="stratified",
+                       help="mask scheme: stratified over size bins, cumulative (uniform size, "
+                            "LLaDA's), diffusion-time (t ~ U(0,1), MDLM's)")  # fmt: skip
+    score.add_argument("--max-strata", type=_positive_int, default=32,
+                       help="most strata of mask sizes (stratified)")
+    score.add_argument("--num-masks", type=_positive_int, default=2,
+                       help="replicates of the scheme per text (a stratified replicate is one "
+                            "mask per stratum)")  # fmt: skip
+    score.add_argument("--target-stderr", type=_positive_float, default=None,
+                       help="draw masks until the standard error of log p(x) is at most this "
+                            "(nats; per token with --per-token), up to --max-masks")  # fmt: skip
+    score.add_argument("--per-token", action="store_true",
+                       help="--target-stderr is per scored token")
+    score.add_argument("--max-masks", type=_positive_int, default=4096,
+                       help="most Monte-Carlo masks per text for --target-stderr (the first "
+                            "round, --num-masks replicates, is always drawn)")  # fmt: skip
+    score.add_argument("--no-pll", action="store_true",
+                       help="skip the pseudo-log-likelihood (D forward rows per text)")
+    score.add_argument("--curve", action="store_true",
+                       help="write each text's curve S(x; m) per stratum")
+    score.add_argument("--seed", type=_seed, default=0,
+                       help="seed of the masks (with each text's index)")
+    score.add_argument("--token-budget", type=_positive_int, default=8192,
+                       help="most tokens (rows x length) per forward pass")
+    score.add_argument("--exhaustive-up-to", type=_non_negative_int, default=63,
+                       help="score a text exactly, with every mask, when it has at most this "
+                            "many (2^D - 1; 63 is D <= 6); 0: never")  # fmt: skip
+    score.add_argument("--chunk-size", type=_positive_int, default=64,
+                       help="texts per process between two writes of OUT")
+    score.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    score.set_defaults(subparser=score, folders=lambda args: [])
+
+
+def _score(args: argparse.Namespace) -> int:
+    from .lm import DiffusionTime, MaskedPredictor, StratifiedBins, score_file
+    from .lm.corpus import _process_state
+    from .masks import Cumulative
+
+    if args.masks == "stratified":
+        masks = StratifiedBins(max_strata=args.max_strata)
+    elif args.masks == "cumulative":
+        masks = Cumulative()
+    else:
+        masks = DiffusionTime()
+    if args.target_stderr is not None and args.num_masks < 2:
+        args.subparser.error("argument --num-masks: --target-stderr needs at least 2")
+    if args.curve and args.masks != "stratified":
+        args.subparser.error("argument --curve: needs --masks stratified")
+    if args.no_progress:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # "Loading weights"
+    device = args.device
+    if device is None:  # accelerate's choice for this process, else the GPU if there is one
+        fallback = "cuda" if torch.cuda.is_available() else "cpu"
+        device = getattr(_process_state(), "device", fallback)
+    try:
+        predictor = MaskedPredictor.from_pretrained(
+            args.model, args.mask_token_id, trust_remote_code=args.trust_remote_code,
+            device=device, dtype=MODEL_DTYPES[args.dtype], shift_logits=args.shift_logits,
+        )  # fmt: skip
+        summary = score_file(
+            predictor, args.texts, args.out, format=args.format, chunk_size=args.chunk_size,
+            progress=not args.no_progress, masks=masks, num_masks=args.num_masks,
+            target_stderr=args.target_stderr, per_token=args.per_token,
+            max_masks=args.max_masks, pll=not args.no_pll, curve=args.curve, seed=args.seed,
+            token_budget=args.token_budget, exhaustive_up_to=args.exhaustive_up_to,
+        )  # fmt: skip
+    except (ValueError, OSError) as exc:  # a bad text, model or file: say which, no traceback
+        print(f"pyro-mpt score: error: {exc}", file=sys.stderr)
+        return 1
+    if _process_state().is_main_process:
+        missed = summary["target_missed"]
+        note = f"; {missed} stopped at --max-masks above the target" if missed else ""
+        processes = _process_state().num_processes
+        where = f" on {processes} processes" if processes > 1 else ""
+        print(f"scored {summary['scored']} texts{where} ({summary['skipped']} already in "
+              f"{args.out}){note}", flush=True)  # fmt: skip
+    return 0
 
 
 def _names(args: argparse.Namespace) -> list[str]:
@@ -126,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         problem = _folder_problem(folder)
         if problem is not None:
             args.subparser.error(f"argument --out: {problem}")  # exits with status 2
+    if args.command == "score":
+        return _score(args)
     if args.command == "demo":
         from .demo import format_table, run_demo
 

@@ -234,25 +234,27 @@ class MaskSample(NamedTuple):
             >>> round(est.mean.item(), 4), est.stderr.item(), est.dof.item()
             (-3.0, 0.0, 100.0)
         """
+        if reduction not in ("none", "mean", "sum"):
+            raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
         contributions = self.weighted_sums(log_prob, summed)
         if gather:
             from .distributed import gather_rows  # local: torch.distributed only when asked
 
             contributions = gather_rows(contributions.detach(), dim=1)
-        if contributions[0].numel() == 0:
+        num_rows = contributions[0].numel()
+        if num_rows == 0:
             raise ValueError("there are no rows to score (the batch shape has a zero dimension)")
         if reduction == "none" or contributions.dim() == 1 or self.shared or self.exact:
             reduced = _reduce(contributions, reduction, 1)
             return stratified_estimate(reduced, self.strata, self.exact)
-        _reduce(contributions[:1], reduction, 1)  # validates ``reduction``
+        # Independent masks per row: pool the rows' own variances.
         rows = stratified_estimate(contributions, self.strata)
-        count = contributions[0].numel() if reduction == "mean" else 1
         variance = rows.stderr.pow(2)
         mean = _reduce(rows.mean.unsqueeze(0), reduction, 1).squeeze(0)
-        stderr = variance.sum().sqrt() / count
+        stderr = variance.sum().sqrt() / (num_rows if reduction == "mean" else 1)
         # Welch-Satterthwaite: rows share the scheme, so their degrees of freedom are equal.
         dof = variance.sum().pow(2) / (variance.pow(2).sum() / rows.dof)
-        return MPTEstimate(mean, stderr, torch.where(variance.sum() > 0, dof, rows.dof * count))
+        return MPTEstimate(mean, stderr, torch.where(variance.sum() > 0, dof, rows.dof * num_rows))
 
 
 def size_for_rate(rate: float, event_size: int) -> int:

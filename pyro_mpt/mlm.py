@@ -63,15 +63,17 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from .lm.predictor import MaskedPredictor, require_transformers
 from .masks import (
     Cumulative,
+    MaskSample,
     MaskScheme,
     _check_generator,
     _check_positive_int,
     masks_of_sizes,
     size_for_rate,
 )
-from .scoring import MPTCurve, MPTEstimate, stratified_estimate
+from .scoring import MPTCurve, MPTEstimate
 
 __all__ = [
     "DEFAULT_RATES",
@@ -80,24 +82,11 @@ __all__ = [
     "mlm_curve",
     "mlm_score",
     "train_wordpiece_tokenizer",
+    "word_level_tokenizer",
 ]
 
 #: The paper's E4 grid of masking rates, 1% to 99%.
 DEFAULT_RATES = (0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
-
-_EXTRA_HINT = "install the optional extra: pip install 'pyro_mpt[mlm]'"
-
-
-def _require_transformers():
-    """Import ``transformers`` or fail with an ImportError that names the extra."""
-    try:
-        import transformers
-    except ImportError as exc:
-        raise ImportError(
-            f"pyro_mpt.mlm needs Hugging Face transformers and tokenizers; {_EXTRA_HINT}"
-        ) from exc
-    return transformers
-
 
 class MLMCurve(NamedTuple):
     r"""Masked-prediction scores :math:`S(x; m)` of a masked LM per masking rate and text.
@@ -190,20 +179,6 @@ class MLMScore(NamedTuple):
     num_tokens: torch.Tensor
 
 
-class _Text(NamedTuple):
-    """One tokenized text: all ids (special tokens included) and the positions that are scored."""
-
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-
-
-class _Job(NamedTuple):
-    """One forward pass: text ``text`` with the scoreable tokens where ``mask`` is True hidden."""
-
-    text: int
-    mask: torch.Tensor
-
-
 def _first_occurrences(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Distinct values of a sorted 1-d tensor and the index of each one's first occurrence
     (both on ``values``' device)."""
@@ -211,129 +186,6 @@ def _first_occurrences(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     first = torch.full((len(distinct),), len(values), dtype=torch.long, device=values.device)
     positions = torch.arange(len(values), device=values.device)
     return distinct, first.scatter_reduce(0, inverse, positions, reduce="amin")
-
-
-def _check_model(model) -> None:
-    """Refuse anything that is not a Hugging Face masked language model."""
-    transformers = _require_transformers()
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    name = type(model).__name__
-    is_mlm = name in set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()) or name.endswith("ForMaskedLM")
-    if not isinstance(model, transformers.PreTrainedModel) or not is_mlm:
-        raise TypeError(
-            "model must be a Hugging Face masked language model (what AutoModelForMaskedLM "
-            f"loads, e.g. BertForMaskedLM), got {name}"
-        )
-
-
-def _max_length(model, tokenizer) -> int | None:
-    """The longest input the model accepts, from the tokenizer and the position embeddings."""
-    limits = [
-        getattr(tokenizer, "model_max_length", None),
-        getattr(model.config, "max_position_embeddings", None),
-    ]
-    limits = [int(limit) for limit in limits if isinstance(limit, int) and 0 < limit < 10**9]
-    return min(limits) if limits else None
-
-
-def _encode(model, tokenizer, texts: Sequence[str]) -> list[_Text]:
-    """Tokenize, find the scoreable tokens (ids not in ``all_special_ids``), refuse empty or
-    too-long texts."""
-    if isinstance(texts, str) or not isinstance(texts, Iterable):
-        raise TypeError("texts must be a list of strings (wrap a single text in a list)")
-    texts = list(texts)
-    if not texts:
-        raise ValueError("texts must contain at least one text")
-    if getattr(tokenizer, "mask_token_id", None) is None:
-        raise ValueError(
-            f"tokenizer must define a mask token (tokenizer.mask_token_id), got {tokenizer!r}"
-        )
-    vocab_size = getattr(model.config, "vocab_size", None)
-    limit = _max_length(model, tokenizer)
-    special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-    encoded = []
-    for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"texts[{index}] must be a string, got {type(text).__name__}")
-        tokens = tokenizer(text, return_special_tokens_mask=True)
-        ids = torch.as_tensor(tokens["input_ids"], dtype=torch.long)
-        # special_tokens_mask flags only the tokens the tokenizer added ([CLS], [SEP]); a
-        # special-token string typed in the text ("[MASK]", "[SEP]") is parsed to its special id
-        # and flagged 0, so decide by id as well.
-        special = torch.as_tensor(tokens["special_tokens_mask"], dtype=torch.bool)
-        special |= torch.isin(ids, special_ids)
-        positions = (~special).nonzero().squeeze(-1)
-        if len(positions) == 0:
-            raise ValueError(
-                f"texts[{index}] has no tokens to score (empty text, or special tokens only): "
-                f"{text!r}"
-            )
-        if limit is not None and len(ids) > limit:
-            raise ValueError(
-                f"texts[{index}] has {len(ids)} tokens but the model accepts at most {limit}; "
-                "split it into shorter texts"
-            )
-        if vocab_size is not None and int(ids.max()) >= vocab_size:
-            raise ValueError(
-                f"texts[{index}] has token id {int(ids.max())} but the model's vocabulary has "
-                f"{vocab_size} entries: the tokenizer does not belong to this model"
-            )
-        encoded.append(_Text(ids, positions))
-    return encoded
-
-
-def _masked_sums(
-    model,
-    tokenizer,
-    texts: list[_Text],
-    jobs: list[_Job],
-    batch_size: int,
-    progress: bool,
-    desc: str,
-) -> torch.Tensor:
-    r"""For every job, :math:`\sum_{j \in M} \log p(x_j \mid x_R)` (float64, on the CPU).
-
-    Jobs are run longest-first in padded batches (right padding, attention mask), so texts of
-    similar length share a batch and padding stays small. A batch is built on the CPU, where the
-    token lists and masks live, and copied to the model's device for the forward pass; the
-    picked log-probabilities come back and are summed in float64 on the CPU (MPS has no float64).
-    """
-    device = next(model.parameters()).device
-    mask_id = tokenizer.mask_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else mask_id
-    order = sorted(range(len(jobs)), key=lambda k: -len(texts[jobs[k].text].input_ids))
-    sums = torch.zeros(len(jobs), dtype=torch.float64)
-    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    training = model.training
-    model.eval()  # dropout would make the scores random
-    try:
-        with torch.no_grad():
-            for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-                length = max(len(texts[jobs[k].text].input_ids) for k in batch)
-                ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-                attention = torch.zeros((len(batch), length), dtype=torch.long)
-                hidden = torch.zeros((len(batch), length), dtype=torch.bool)
-                for row, k in enumerate(batch):
-                    text = texts[jobs[k].text]
-                    ids[row, : len(text.input_ids)] = text.input_ids
-                    attention[row, : len(text.input_ids)] = 1
-                    hidden[row, text.positions[jobs[k].mask]] = True
-                targets = ids[hidden]
-                ids[hidden] = mask_id
-                logits = model(
-                    input_ids=ids.to(device), attention_mask=attention.to(device)
-                ).logits
-                # Normalise only where a token is hidden: the rest of the logits are never used.
-                log_probs = logits[hidden.to(device)].float().log_softmax(-1)
-                picked = log_probs.gather(-1, targets.to(device).unsqueeze(-1)).squeeze(-1)
-                rows = hidden.nonzero()[:, 0]
-                per_row = torch.zeros(len(batch), dtype=torch.float64)
-                per_row.index_add_(0, rows, picked.double().cpu())
-                sums[torch.tensor(batch)] = per_row
-    finally:
-        model.train(training)
-    return sums
 
 
 def _masks_of_size(
@@ -372,6 +224,8 @@ def mlm_curve(
     batch_size: int = 32,
     generator: torch.Generator | None = None,
     progress: bool = True,
+    *,
+    mask_token_id: int | None = None,
 ) -> MLMCurve:
     r"""Mean per-token masked log-probability :math:`S(x; m)` of each text at each masking rate.
 
@@ -381,16 +235,19 @@ def mlm_curve(
     exact: at m = 1 with ``masks_per_rate >= D`` it is the pseudo-log-likelihood divided by D).
 
     Args:
-        model: a Hugging Face masked LM (``AutoModelForMaskedLM``), on any device.
-        tokenizer: its tokenizer (must define a mask token).
+        model: a Hugging Face masked LM (``AutoModelForMaskedLM``), on any device; or, with
+            ``mask_token_id``, any predictor ``input_ids -> logits`` (see
+            :class:`~pyro_mpt.lm.MaskedPredictor`).
+        tokenizer: its tokenizer (must define a mask token unless ``mask_token_id`` is given).
         texts: list of strings; special tokens (those the tokenizer adds, special-token strings
-            typed in the text, ``[UNK]``) are context, never masked or scored.
+            typed in the text, ``[UNK]``, the mask id) are context, never masked or scored.
         rates: masking rates in (0, 1] (sorted, duplicates merged); default :data:`DEFAULT_RATES`.
         masks_per_rate: masks per rate and text (>= 2 for a standard error).
-        batch_size: rows per forward pass.
+        batch_size: the most rows per forward pass (a batch holds one text's masks only).
         generator: a CPU ``torch.Generator`` for reproducible masks (masks are drawn on the CPU
             and only the batches go to the model's device).
         progress: show a tqdm progress bar.
+        mask_token_id: the predictor's mask id, for a ``model`` that is not a masked LM.
 
     Returns:
         :class:`MLMCurve`; ``.average()`` is the corpus curve, ``.area()`` the per-text areas.
@@ -402,34 +259,32 @@ def mlm_curve(
         >>> curve = mlm_curve(model, tokenizer, ["The cat sat on the mat."])  # doctest: +SKIP
         >>> curve.average().mean  # S(x; m) per rate, nats per token  # doctest: +SKIP
     """
-    _check_model(model)
+    predictor = MaskedPredictor(model, tokenizer, mask_token_id)
     rates = _check_rates(rates)
     _check_positive_int("masks_per_rate", masks_per_rate)
     _check_positive_int("batch_size", batch_size)
     _check_generator(generator)
-    encoded = _encode(model, tokenizer, texts)
+    encoded = predictor.encode_all(texts)
     sizes = torch.tensor(
         [[size_for_rate(rate, len(text.positions)) for text in encoded] for rate in rates]
     )
-    # One set of masks per (text, distinct size); rates that round to the same size share it.
-    jobs: list[_Job] = []
-    groups: dict[tuple[int, int], tuple[slice, bool]] = {}
-    for n, text in enumerate(encoded):
-        for m in sorted(set(sizes[:, n].tolist())):
-            masks, exact = _masks_of_size(m, len(text.positions), masks_per_rate, generator)
-            groups[n, m] = (slice(len(jobs), len(jobs) + len(masks)), exact)
-            jobs.extend(_Job(n, mask) for mask in masks)
-    sums = _masked_sums(model, tokenizer, encoded, jobs, batch_size, progress, "MLM curve")
     mean = torch.empty(sizes.shape, dtype=torch.float64)
     stderr = torch.empty(sizes.shape, dtype=torch.float64)
-    for (n, m), (rows, exact) in groups.items():
-        per_mask = sums[rows] / m
-        draws = len(per_mask)
-        strata = torch.zeros(draws, dtype=torch.long, device=per_mask.device)  # one stratum
-        estimate = stratified_estimate(per_mask / draws, strata, exact=exact)
-        where = sizes[:, n] == m
-        mean[where, n] = estimate.mean
-        stderr[where, n] = estimate.stderr
+    for n, text in enumerate(tqdm(encoded, desc="MLM curve", disable=not progress, leave=False)):
+        # One set of masks per distinct size; rates that round to the same size share it.
+        groups = []
+        for m in sorted(set(sizes[:, n].tolist())):
+            masks, exact = _masks_of_size(m, len(text.positions), masks_per_rate, generator)
+            weights = torch.full((len(masks),), 1.0 / (m * len(masks)), dtype=torch.float64)
+            groups.append((m, MaskSample(masks, weights, torch.zeros(len(masks), dtype=torch.long),
+                                         exact)))  # fmt: skip
+        sums = predictor.masked_sums(text, torch.cat([g.masks for _, g in groups]), batch_size)
+        for (m, group), group_sums in zip(groups, sums.split([len(g.masks) for _, g in groups]),
+                                          strict=True):  # fmt: skip
+            estimate = group.estimate(group_sums, summed=True)  # the mean of S(x; m) over masks
+            where = sizes[:, n] == m
+            mean[where, n] = estimate.mean
+            stderr[where, n] = estimate.stderr
     num_tokens = torch.tensor([len(text.positions) for text in encoded])
     return MLMCurve(torch.tensor(rates, dtype=torch.float64), sizes, mean, stderr, num_tokens)
 
@@ -443,6 +298,8 @@ def mlm_score(
     batch_size: int = 32,
     generator: torch.Generator | None = None,
     progress: bool = True,
+    *,
+    mask_token_id: int | None = None,
 ) -> MLMScore:
     r"""Cumulative masked pre-training estimate of :math:`\log p(x)` per text, and its PLL.
 
@@ -453,16 +310,19 @@ def mlm_score(
     The pseudo-log-likelihood costs D more forward passes per text and is exact.
 
     Args:
-        model: a Hugging Face masked LM (``AutoModelForMaskedLM``), on any device.
-        tokenizer: its tokenizer (must define a mask token).
+        model: a Hugging Face masked LM (``AutoModelForMaskedLM``), on any device; or, with
+            ``mask_token_id``, any predictor ``input_ids -> logits`` (see
+            :class:`~pyro_mpt.lm.MaskedPredictor`).
+        tokenizer: its tokenizer (must define a mask token unless ``mask_token_id`` is given).
         texts: list of strings; special tokens (those the tokenizer adds, special-token strings
-            typed in the text, ``[UNK]``) are context, never masked or scored.
+            typed in the text, ``[UNK]``, the mask id) are context, never masked or scored.
         masks: a :class:`~pyro_mpt.masks.MaskScheme`; default :class:`~pyro_mpt.masks.Cumulative`.
         num_masks: replicates of the scheme's draw per text (>= 2 for a standard error).
-        batch_size: rows per forward pass.
+        batch_size: the most rows per forward pass (a batch holds one text's masks only).
         generator: a CPU ``torch.Generator`` for reproducible masks (masks are drawn on the CPU
             and only the batches go to the model's device).
         progress: show a tqdm progress bar.
+        mask_token_id: the predictor's mask id, for a ``model`` that is not a masked LM.
 
     Returns:
         :class:`MLMScore` with ``log_prob`` (estimate, standard error), the exact
@@ -475,36 +335,31 @@ def mlm_score(
         >>> score = mlm_score(model, tokenizer, ["The cat sat on the mat."])  # doctest: +SKIP
         >>> score.log_prob.mean, score.pseudo_log_likelihood  # doctest: +SKIP
     """
-    _check_model(model)
+    predictor = MaskedPredictor(model, tokenizer, mask_token_id)
     masks = Cumulative() if masks is None else masks
     if not isinstance(masks, MaskScheme):
         raise TypeError(f"masks must be a pyro_mpt.masks.MaskScheme, got {type(masks).__name__}")
     _check_positive_int("num_masks", num_masks)
     _check_positive_int("batch_size", batch_size)
     _check_generator(generator)
-    encoded = _encode(model, tokenizer, texts)
-    jobs: list[_Job] = []
-    draws = []
-    for n, text in enumerate(encoded):
-        size = len(text.positions)
-        draw = masks.sample(size, (), num_masks, generator, dtype=torch.float64)
-        draws.append((slice(len(jobs), len(jobs) + len(draw.masks)), draw))
-        jobs.extend(_Job(n, mask) for mask in draw.masks)
-    pll_rows = []
-    for n, text in enumerate(encoded):
-        start = len(jobs)
-        jobs.extend(_Job(n, mask) for mask in torch.eye(len(text.positions), dtype=torch.bool))
-        pll_rows.append(slice(start, len(jobs)))
-    sums = _masked_sums(model, tokenizer, encoded, jobs, batch_size, progress, "MLM score")
-    estimates = [
-        draw.estimate(sums[rows], summed=True)
-        for rows, draw in draws
+    encoded = predictor.encode_all(texts)
+    # All texts' masks first, in order, so that a generator gives the masks it always gave.
+    draws = [
+        masks.sample(len(text.positions), (), num_masks, generator, dtype=torch.float64)
+        for text in encoded
     ]
+    estimates, plls = [], []
+    for text, draw in tqdm(list(zip(encoded, draws, strict=True)), desc="MLM score",
+                           disable=not progress, leave=False):  # fmt: skip
+        singles = torch.eye(len(text.positions), dtype=torch.bool)
+        sums = predictor.masked_sums(text, torch.cat([draw.masks, singles]), batch_size)
+        estimates.append(draw.estimate(sums[: len(draw.masks)], summed=True))
+        plls.append(sums[len(draw.masks) :].sum())
     return MLMScore(
         MPTEstimate(
             torch.stack([e.mean for e in estimates]), torch.stack([e.stderr for e in estimates])
         ),
-        torch.stack([sums[rows].sum() for rows in pll_rows]),
+        torch.stack(plls),
         torch.tensor([len(text.positions) for text in encoded]),
     )
 
@@ -533,7 +388,7 @@ def train_wordpiece_tokenizer(
         >>> tok.convert_ids_to_tokens(tok("the cat")["input_ids"])
         ['[CLS]', 'the', 'cat', '[SEP]']
     """
-    _require_transformers()
+    require_transformers()
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers.trainers import WordPieceTrainer
     from transformers import PreTrainedTokenizerFast
@@ -553,6 +408,51 @@ def train_wordpiece_tokenizer(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    tokenizer.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, model_max_length=max_length, **special
+    )
+
+
+def word_level_tokenizer(texts: Iterable[str], lowercase: bool = True, max_length: int = 512):
+    """A BERT-style tokenizer whose vocabulary is every word and punctuation mark of ``texts``.
+
+    The same ``[PAD] [UNK] [CLS] [SEP] [MASK]`` (ids 0-4), normalisation and ``[CLS] text [SEP]``
+    template as :func:`train_wordpiece_tokenizer`, but no subwords: the words, sorted, are the
+    vocabulary, so the same texts always give the same ids. (``tokenizers``' WordPiece trainer
+    breaks ties differently from one process to the next: the vocabulary, and every number
+    computed with it, changes between runs.) A word not in ``texts`` becomes ``[UNK]``.
+
+    Example:
+        >>> tok = word_level_tokenizer(["The cat sat.", "a dog"])
+        >>> tok.convert_ids_to_tokens(tok("the cat, a zebra")["input_ids"])
+        ['[CLS]', 'the', 'cat', '[UNK]', 'a', '[UNK]', '[SEP]']
+        >>> tok.convert_ids_to_tokens(list(range(5, len(tok))))
+        ['.', 'a', 'cat', 'dog', 'sat', 'the']
+    """
+    require_transformers()
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    words = {
+        word
+        for text in texts
+        for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text))
+    }
+    special = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
+               "sep_token": "[SEP]", "mask_token": "[MASK]"}  # fmt: skip
+    tokens = [*special.values(), *sorted(words - set(special.values()))]
+    vocabulary = {token: index for index, token in enumerate(tokens)}
+    tokenizer = Tokenizer(models.WordPiece(vocabulary, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = splitter
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocabulary["[CLS]"]), ("[SEP]", vocabulary["[SEP]"])],
     )
     tokenizer.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(

@@ -91,3 +91,14 @@ def test_every_option_has_help_with_its_default(command, options, example, capsy
     # ArgumentDefaultsHelpFormatter appends the default to every option that has a help string.
     assert text.count("(default: ") == len(options)
     assert example in text
+
+
+def test_version_is_the_installed_distributions():
+    from importlib.metadata import version
+
+    import pyro_mpt
+
+    assert pyro_mpt.__version__ == version("pyro_mpt")
+    result = subprocess.run([sys.executable, "-m", "pyro_mpt.cli", "--version"],
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == f"pyro-mpt {pyro_mpt.__version__}"

@@ -26,7 +26,7 @@ def latent_ppca():
     )
     x = marginal.sample((N,))
     w = (true_w + 0.2 * torch.randn(D, L, generator=g, dtype=torch.float64)).requires_grad_()
-    log_noise = torch.tensor(math.log(0.4), dtype=torch.float64, requires_grad=True)
+    log_noise = torch.tensor(math.log(0.3), dtype=torch.float64, requires_grad=True)
 
     def model(x):
         with pyro.plate("data", len(x)):
@@ -148,8 +148,8 @@ def test_wake_phi_trains_a_guide_proposal_towards_the_posterior():
 @pytest.mark.slow
 def test_training_latent_ppca_recovers_the_noise_mle():
     """Default settings, z integrated by adaptive importance sampling: sigma within 1% of the
-    closed-form maximum-likelihood value (measured 0.33%; prior particles alone learned a
-    noise 14% too high on this kind of model)."""
+    closed-form maximum-likelihood value (measured +0.51% after 800 steps; K = 128 ended 1.4%
+    high, the O(1/K) bias of the estimator pushing the noise up)."""
     from pyro_mpt.training import fit_svi
 
     g = torch.Generator().manual_seed(0)
@@ -171,5 +171,5 @@ def test_training_latent_ppca_recovers_the_noise_mle():
             pyro.sample("x", dist.Normal(z @ w.T, log_noise.exp()).to_event(1), obs=x)
 
     elbo = MaskedPretrainingELBO(generator=torch.Generator().manual_seed(1))
-    fit_svi(model, lambda x: None, elbo, x, steps=400, lr=0.05, progress=False)
+    fit_svi(model, lambda x: None, elbo, x, steps=800, lr=0.05, progress=False)
     assert log_noise.exp().item() == pytest.approx(sigma_mle, rel=0.01)

@@ -177,7 +177,7 @@ def test_hand_checked_random_masks(model, tokenizer):
     )
 
 
-def test_special_tokens_and_padding_are_never_masked(model, tokenizer):
+def test_special_tokens_are_never_masked_and_nothing_is_padded(model, tokenizer):
     seen = []
 
     def record(module, args, kwargs):
@@ -188,16 +188,15 @@ def test_special_tokens_and_padding_are_never_masked(model, tokenizer):
         mlm_curve(model, tokenizer, SENTENCES, rates=[0.99], masks_per_rate=2, progress=False)
     finally:
         handle.remove()
-    ids = torch.cat([i for i, _ in seen])
-    attention = torch.cat([a for _, a in seen])
-    lengths = attention.sum(-1)
-    assert (ids[:, 0] == tokenizer.cls_token_id).all()
-    assert (ids[torch.arange(len(ids)), lengths - 1] == tokenizer.sep_token_id).all()
-    assert (ids[attention == 0] == tokenizer.pad_token_id).all()
-    # At 99% every real token is hidden.
-    inner = (attention == 1) & (torch.arange(ids.shape[1]) > 0)
-    inner[torch.arange(len(ids)), lengths - 1] = False
-    assert (ids[inner] == tokenizer.mask_token_id).all()
+    # A batch holds the masks of one text: every row has the text's length, nothing is padded.
+    assert len(seen) == len(SENTENCES)
+    for (ids, attention), text in zip(seen, SENTENCES, strict=True):
+        assert ids.shape[1] == len(tokenizer(text)["input_ids"])
+        assert (attention == 1).all()
+        assert (ids[:, 0] == tokenizer.cls_token_id).all()
+        assert (ids[:, -1] == tokenizer.sep_token_id).all()
+        # At 99% every real token is hidden.
+        assert (ids[:, 1:-1] == tokenizer.mask_token_id).all()
 
 
 def test_special_tokens_typed_in_the_text_are_context_not_scored(model, tokenizer):

@@ -145,11 +145,12 @@ fig.tight_layout()
 # `MaskedPretrainingELBO` treats latents that live in the data plate, such as $z_n$, differently:
 # the prediction of a hidden dimension must integrate $z_n$ under its posterior given the *visible*
 # dimensions, $p(x_j \mid x_R) = \int p(x_j \mid z)\, p(z \mid x_R)\, dz$. It does so itself, by
-# self-normalised importance sampling from the prior (`num_importance_samples` particles per
-# row), so the guide covers only the global latents, of which there are none here. The
-# estimate is consistent in the number of particles, with a small $O(1/K)$ bias. It is also more
-# expensive, so we train on mini-batches of 128 rows (`num_data=N` tells the model's plate to
-# rescale).
+# self-normalised importance sampling (`num_importance_samples` particles per row): particles
+# from the prior first, then `adapt_steps` rounds of Gaussian proposals fitted to the weighted
+# particles of each row and mask. The guide covers only the global latents, of which there are
+# none here. The estimate is consistent in the number of particles, with a small $O(1/K)$ bias
+# (`elbo.effective_sample_size` tells how healthy the weights are). It is also more expensive,
+# so we train on mini-batches of 128 rows (`num_data=N` tells the model's plate to rescale).
 
 
 # %%
@@ -193,9 +194,10 @@ for name, value in latent_results.items():
 
 # %% [markdown]
 # Both land near the optimum; masked pre-training without any guide for $z_n$. Its remaining gap
-# comes from the importance-sampling bias and the mini-batch noise; more particles or a
-# better proposal reduce it (`proposal="guide"` uses the guide as the proposal, provided the guide
-# reads only the visible part of $x_n$ through `pyro_mpt.infer.observed_view`).
+# comes from the importance-sampling bias and the mini-batch noise; more particles reduce it, and
+# so does a trained encoder: `proposal="guide"` uses the guide as the proposal, provided it reads
+# only the visible part of $x_n$ through `pyro_mpt.infer.observed_view`, and trains it in the
+# same step (reweighted wake-sleep).
 #
 # ## What changes and what does not
 #

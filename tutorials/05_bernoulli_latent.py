@@ -114,7 +114,8 @@ fig.tight_layout()
 #   (the paper's VAE);
 # * **MPT, importance sampling**: `MaskedPretrainingELBO`, the default objective of
 #   `pyro_mpt.models.fit`. The latent $z_n$ shares the data plate with $x_n$, so it integrates
-#   $z_n$ itself by self-normalised importance sampling from the prior; no guide;
+#   $z_n$ itself by self-normalised importance sampling (prior particles, then adaptive Gaussian
+#   proposals); no guide;
 # * **MPT, quadrature**: the same cumulative estimate with the exact conditionals above;
 # * **fixed 15%, quadrature**: BERT's masking rate, for contrast.
 #

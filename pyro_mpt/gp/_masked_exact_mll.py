@@ -97,6 +97,24 @@ class MaskedExactMLL(ExactMarginalLogLikelihood):
         ``device``, the weights of floating ``dtype``."""
         raise NotImplementedError
 
+    def masked_sums(self, observations: Observations, draw: MaskSample) -> Tensor:
+        r"""Per-draw :math:`\sum_{j \in M_s} \log p(y_j \mid \mathbf y_{R_s})`, ``(S, *batch)``:
+        what ``draw``'s weights sum (override for other per-draw scores)."""
+        return normal_log_prob(*_conditionals(observations, draw.masks), draw.masks).sum(-1)
+
+    def num_scored(self, function_dist: MultivariateNormal, observations: Observations) -> int:
+        """The divisor of the objective: n, as in ``ExactMarginalLogLikelihood``."""
+        return function_dist.event_shape.numel()
+
+    def _draw_and_sum(self, function_dist, target, *params, **kwargs):
+        """The flat observations, a draw of masks and its :meth:`masked_sums`."""
+        observations = _observations(self.likelihood(function_dist, *params, **kwargs), target)
+        value = observations.value
+        draw = self.draw_masks(
+            observations.size, observations.batch_shape, value.dtype, value.device
+        )
+        return observations, draw, self.masked_sums(observations, draw)
+
     def conditionals(
         self, function_dist: MultivariateNormal, target: Tensor, mask: Tensor, *params, **kwargs
     ) -> tuple[Tensor, Tensor]:
@@ -153,17 +171,10 @@ class MaskedExactMLL(ExactMarginalLogLikelihood):
         """
         _check_function_dist(function_dist)
         with limited_threads():
-            output = self.likelihood(function_dist, *params, **kwargs)
-            observations = _observations(output, target)
-            value = observations.value
-            draw = self.draw_masks(
-                observations.size, observations.batch_shape, value.dtype, value.device
-            )
-            log_prob = normal_log_prob(*_conditionals(observations, draw.masks), draw.masks)
-            res = draw.weighted_sums(log_prob.sum(-1), summed=True).sum(0)
+            observations, draw, sums = self._draw_and_sum(function_dist, target, *params, **kwargs)
+            res = draw.weighted_sums(sums, summed=True).sum(0)
             res = self._add_other_terms(res, params)
-            # Scale by the amount of data, as ExactMarginalLogLikelihood does.
-            res = res.div_(function_dist.event_shape.numel())
+            res = res.div_(self.num_scored(function_dist, observations))
         return limit_threads_in_backward(res)
 
 

@@ -58,13 +58,12 @@ from torch import Tensor
 
 from ..gaussian import normal_log_prob
 from ..masks import MaskSample, MPTEstimate, RateRange, _check_positive_int, masks_of_sizes
-from ..threads import limit_threads_in_backward, limited_threads
+from ..threads import limited_threads
 from ._masked_exact_mll import (
     MaskedExactMLL,
     Observations,
     _check_function_dist,
     _conditionals,
-    _observations,
 )
 
 __all__ = [
@@ -261,12 +260,16 @@ class ConditionalMarginalLogLikelihood(MaskedExactMLL):
         return MaskSample(masks, weights, torch.zeros(self.num_draws, dtype=torch.long,
                                                       device=device))
 
-    def _contributions(self, observations: Observations, draw: MaskSample) -> Tensor:
-        """Per-draw log-densities to sum with ``draw``'s weights (``summed=True``)."""
+    def masked_sums(self, observations: Observations, draw: MaskSample) -> Tensor:
+        """Per-draw log-densities to sum with ``draw``'s weights: the held-out block's joint
+        log-density (``"split"``) or the masked conditionals' sum (``"masked"``)."""
         if self.estimator == "split":
             return split_log_prob(observations, draw.masks)
-        log_prob = normal_log_prob(*_conditionals(observations, draw.masks), draw.masks)
-        return log_prob.sum(-1)
+        return super().masked_sums(observations, draw)
+
+    def num_scored(self, function_dist: MultivariateNormal, observations: Observations) -> int:
+        """The divisor: p, the number of held-out points (Lotfi et al.'s scale)."""
+        return self.held_out_size(observations.size)
 
     def estimate(self, function_dist: MultivariateNormal, target: Tensor, *params,
                  **kwargs) -> MPTEstimate:
@@ -303,29 +306,5 @@ class ConditionalMarginalLogLikelihood(MaskedExactMLL):
         their difference, ``draw.estimate(a - b, summed=True)``, has a paired standard error."""
         _check_function_dist(function_dist)
         with limited_threads():
-            observations = _observations(self.likelihood(function_dist, *params, **kwargs),
-                                         target)
-            value = observations.value
-            draw = self.draw_masks(
-                observations.size, observations.batch_shape, value.dtype, value.device
-            )
-            return draw, self._contributions(observations, draw)
-
-    def forward(self, function_dist: MultivariateNormal, target: Tensor, *params, **kwargs):
-        r"""The CLML objective given :math:`p(\mathbf f)` and :math:`\mathbf y`, divided by p.
-
-        Returns:
-            One value per element of the GP's batch shape (new splits or masks on every call).
-        """
-        _check_function_dist(function_dist)
-        with limited_threads():
-            output = self.likelihood(function_dist, *params, **kwargs)
-            observations = _observations(output, target)
-            value = observations.value
-            draw = self.draw_masks(
-                observations.size, observations.batch_shape, value.dtype, value.device
-            )
-            res = draw.weighted_sums(self._contributions(observations, draw), summed=True).sum(0)
-            res = self._add_other_terms(res, params)
-            res = res.div_(self.held_out_size(observations.size))
-        return limit_threads_in_backward(res)
+            _, draw, sums = self._draw_and_sum(function_dist, target, *params, **kwargs)
+            return draw, sums

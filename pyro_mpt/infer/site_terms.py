@@ -36,6 +36,7 @@ __all__ = [
     "importance_log_weights",
     "effective_sample_size",
     "snis_conditional_log_prob",
+    "weighted_conditional_log_prob",
     "fit_gaussian_proposal",
     "targets_log_marginal",
 ]
@@ -91,21 +92,25 @@ def per_dimension_log_prob(fn: Distribution, value: torch.Tensor) -> torch.Tenso
 
 def importance_log_weights(
     log_lik: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     log_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Self-normalised log-weights :math:`\log \bar w_k` of particles given the visible part.
 
     :math:`w_k = p(x_R \mid z_k)\, p(z_k) / q(z_k)`; shapes as in
-    :func:`snis_conditional_log_prob`. Returns ``(S, K, *batch)``, normalised over ``K``.
+    :func:`snis_conditional_log_prob` (``mask=None``: nothing hidden, :math:`R` is every
+    dimension). Returns ``(S, K, *batch)``, normalised over ``K``.
 
     Example:
         >>> log_lik = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.5]]]))  # S'=1, K=2, D=2
         >>> importance_log_weights(log_lik, torch.tensor([[True, False]])).exp()
         tensor([[0.5000, 0.5000]])
     """
-    visible = ~mask.unsqueeze(1)
-    log_w = torch.where(visible, log_lik, torch.zeros_like(log_lik)).sum(-1)
+    if mask is None:
+        log_w = log_lik.sum(-1)
+    else:
+        visible = ~mask.unsqueeze(1)
+        log_w = torch.where(visible, log_lik, torch.zeros_like(log_lik)).sum(-1)
     if log_weights is not None:
         log_w = log_w + log_weights
     return log_w.log_softmax(1)
@@ -144,8 +149,24 @@ def snis_conditional_log_prob(
         >>> snis_conditional_log_prob(log_lik, torch.tensor([[True, False]]))
         tensor([[-0.6931,  0.0000]])
     """
-    log_w = importance_log_weights(log_lik, mask, log_weights)
-    conditional = torch.logsumexp(log_w.unsqueeze(-1) + log_lik, dim=1)
+    return weighted_conditional_log_prob(
+        importance_log_weights(log_lik, mask, log_weights), log_lik, mask
+    )
+
+
+def weighted_conditional_log_prob(
+    log_weights: torch.Tensor, log_lik: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    r""":math:`\log \sum_k \bar w_k\, p(x_j \mid z_k)` from normalised log-weights
+    (:func:`importance_log_weights`): the step of :func:`snis_conditional_log_prob` after the
+    weights, for callers that also need the weights (e.g. their effective sample size).
+
+    Example:
+        >>> log_lik = torch.log(torch.tensor([[[0.5, 0.5]]]))
+        >>> weighted_conditional_log_prob(torch.zeros(1, 1), log_lik, torch.tensor([[True, False]]))
+        tensor([[-0.6931,  0.0000]])
+    """
+    conditional = torch.logsumexp(log_weights.unsqueeze(-1) + log_lik, dim=1)
     return torch.where(mask, conditional, torch.zeros_like(conditional))
 
 
