@@ -88,7 +88,14 @@ def _data(args):
 
 
 @pytest.mark.slow
-def test_ddp_ppca_learns_the_pca_subspace_and_takes_the_one_process_steps(ppca_runs):
+def test_ddp_ppca_takes_the_one_process_steps_and_reports_its_standard_error(ppca_runs):
+    """One test for both PPCA checks, so that pytest-xdist never runs the two PPCA trainings
+    twice (a module fixture runs once per worker)."""
+    _same_steps_and_the_pca_subspace(ppca_runs)
+    _gathered_standard_error_equals_the_one_process_one(ppca_runs)
+
+
+def _same_steps_and_the_pca_subspace(ppca_runs):
     one, two = ppca_runs[1], ppca_runs[2]
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert one["steps"] == two["steps"] == 600
@@ -107,8 +114,7 @@ def test_ddp_ppca_learns_the_pca_subspace_and_takes_the_one_process_steps(ppca_r
         assert run["principal_angle"] == pytest.approx(angle, abs=1e-5)
 
 
-@pytest.mark.slow
-def test_ddp_gathered_standard_error_equals_the_one_process_one(ppca_runs):
+def _gathered_standard_error_equals_the_one_process_one(ppca_runs):
     """Before training both runs hold the same model: the MPT estimate over all rows, each
     process scoring its shard and the per-row values gathered, is the one-process estimate."""
     one, two = (runs["evaluations"][0] for runs in (ppca_runs[1], ppca_runs[2]))
