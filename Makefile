@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,mlm,lm
+EXTRAS ?= dev,mlm,lm,lightning
 OUT ?= pyro-mpt-out
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin

@@ -56,8 +56,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .distributed import gather_rows
 from .gaussian import event_size, masked_conditional_log_prob, normal_log_prob
-from .masks import FixedRate, MaskScheme, MPTEstimate, Stratified, size_for_rate
+from .masks import FixedRate, MaskScheme, MPTEstimate, Stratified, fold_in, size_for_rate
 from .threads import limited_threads
 
 __all__ = [
@@ -167,12 +168,14 @@ def _check_data(data, size: int | None, dims: int | None = 2) -> None:
         raise ValueError(f"data must be an {expected} tensor with D={size}, got {shape}")
 
 
-def _estimate(scores, data, scheme: MaskScheme, num_masks: int, generator) -> MPTEstimate:
+def _estimate(
+    scores, data, scheme: MaskScheme, num_masks: int, generator, keys=None, gather=False
+) -> MPTEstimate:
     """Per-datum estimate of the scheme's target and its standard error."""
     draw = scheme.sample(
-        data.shape[-1], data.shape[:-1], num_masks, generator, data.dtype, data.device
+        data.shape[-1], data.shape[:-1], num_masks, generator, data.dtype, data.device, keys=keys
     )
-    return draw.estimate(scores.masked(data, draw.masks), reduction="mean")
+    return draw.estimate(scores.masked(data, draw.masks), reduction="mean", gather=gather)
 
 
 def rate_key(rate: float) -> str:
@@ -192,6 +195,8 @@ def evaluate_model(
     masks: MaskScheme | None = None,
     num_masks: int = 4,
     generator: torch.Generator | None = None,
+    keys: torch.Tensor | None = None,
+    gather: bool = False,
 ) -> dict[str, float]:
     r"""Per-datum exact LML, MPT estimate ± s.e., pseudo-likelihood and fixed-rate scores.
 
@@ -206,6 +211,13 @@ def evaluate_model(
             per row: unbiased, with a standard error).
         num_masks: replicates of each scheme's draw.
         generator: ``torch.Generator`` for the masks.
+        keys: instead of ``generator``, one int64 key per row (see
+            :func:`~pyro_mpt.masks.fold_in`), e.g. from a seed and the global row indices; each
+            column draws from ``fold_in(keys, column)``.
+        gather: the rows are spread over processes (``torch.distributed``): every column is
+            computed from all processes' rows (:mod:`pyro_mpt.distributed`), standard errors
+            from the gathered per-row values; ``"N"`` is the total. The same row on every
+            process.
 
     Returns:
         A flat dict of floats (see the module docstring for the keys), plus ``"D"`` and ``"N"``.
@@ -225,15 +237,26 @@ def evaluate_model(
     _check_data(data, scores.size)
     size = data.shape[-1]
     masks = Stratified(2) if masks is None else masks
+
+    def rows(values: torch.Tensor) -> torch.Tensor:
+        return gather_rows(values) if gather else values
+
+    def column_keys(column: int):
+        return None if keys is None else fold_in(keys, column)
+
     with torch.no_grad(), limited_threads():
-        row: dict[str, float] = {"N": len(data), "D": size}
-        row["exact_lml"] = scores.exact(data).mean().item()
-        estimate = _estimate(scores, data, masks, num_masks, generator)
+        exact = rows(scores.exact(data))
+        row: dict[str, float] = {"N": len(exact), "D": size}
+        row["exact_lml"] = exact.mean().item()
+        estimate = _estimate(scores, data, masks, num_masks, generator, column_keys(0), gather)
         row["mpt"], row["mpt_se"] = estimate.mean.item(), estimate.stderr.item()
-        row["pseudo_ll"] = _pseudo_log_likelihood(scores, data).mean().item()
-        for rate in rates:
+        row["pseudo_ll"] = rows(_pseudo_log_likelihood(scores, data)).mean().item()
+        for column, rate in enumerate(rates, start=1):
             # At least two draws so that the standard error exists.
-            fixed = _estimate(scores, data, FixedRate(rate), max(2, num_masks), generator)
+            fixed = _estimate(
+                scores, data, FixedRate(rate), max(2, num_masks), generator, column_keys(column),
+                gather,
+            )
             row[rate_key(rate)] = fixed.mean.item()
             row[rate_key(rate) + "_se"] = fixed.stderr.item()
             row[rate_key(rate) + "_m"] = size_for_rate(rate, size)

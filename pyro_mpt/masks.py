@@ -34,6 +34,11 @@ Masks are drawn independently for every row of ``batch_shape`` unless the scheme
 ``shared=True``, in which case one mask per draw is broadcast over all rows (what the paper's code
 did; it is cheaper per step but has higher variance).
 
+Masks come from a ``torch.Generator`` (one stream for the whole batch) or, with ``keys=``, from a
+counter-based hash: each row's masks are then a pure function of its 64-bit key (see
+:func:`fold_in`), so they do not depend on which other rows share the batch, on the batch order
+or on the number of processes the rows are spread over.
+
 References:
     P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the Marginal
     Likelihood", NeurIPS 2023.
@@ -60,6 +65,9 @@ __all__ = [
     "Exhaustive",
     "size_for_rate",
     "stratified_estimate",
+    "fold_in",
+    "keyed_uniform",
+    "keyed_normal",
 ]
 
 EXHAUSTIVE_MAX_SIZE = 20
@@ -197,7 +205,11 @@ class MaskSample(NamedTuple):
         return self.weights.to(masked_sum) * masked_sum
 
     def estimate(
-        self, log_prob: torch.Tensor, reduction: Reduction = "none", summed: bool = False
+        self,
+        log_prob: torch.Tensor,
+        reduction: Reduction = "none",
+        summed: bool = False,
+        gather: bool = False,
     ) -> MPTEstimate:
         r"""The scheme's estimate from per-dimension log-densities, with its standard error.
 
@@ -206,6 +218,14 @@ class MaskSample(NamedTuple):
             reduction: ``"none"`` (one estimate per row), ``"mean"`` or ``"sum"`` over rows. With
                 independent masks per row the rows' variances are pooled (many degrees of
                 freedom); with shared masks the rows are reduced first, then the draws compared.
+            gather: in a distributed run (``torch.distributed`` initialised, several processes),
+                first gather every process's per-row contributions along the first batch
+                dimension (:func:`pyro_mpt.distributed.gather_rows`, rank order), so that the
+                estimate and its standard error are those of all the rows, never an average of
+                per-process standard errors. The result is detached and the same on every
+                process. With shared masks every process must have drawn the same masks (pass
+                the same ``keys``, not a per-row key). Without a process group it changes
+                nothing.
 
         Example:
             >>> draw = Cumulative().sample(3, (100,), num_masks=2,
@@ -217,6 +237,10 @@ class MaskSample(NamedTuple):
         if reduction not in ("none", "mean", "sum"):
             raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
         contributions = self.weighted_sums(log_prob, summed)
+        if gather:
+            from .distributed import gather_rows  # local: torch.distributed only when asked
+
+            contributions = gather_rows(contributions.detach(), dim=1)
         num_rows = contributions[0].numel()
         if num_rows == 0:
             raise ValueError("there are no rows to score (the batch shape has a zero dimension)")
@@ -274,6 +298,12 @@ def masks_of_sizes(
     """
     device = sizes.device if generator is None else generator.device
     noise = torch.rand(*sizes.shape, event_size, generator=generator, device=device)
+    return _masks_from_noise(sizes, noise)
+
+
+def _masks_from_noise(sizes: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Masks of the given sizes from i.i.d. uniforms ``noise`` of shape ``(*sizes.shape, D)``."""
+    event_size = noise.shape[-1]
     if sizes.numel() > 0 and bool((sizes == sizes.flatten()[0]).all()):
         # One size: the m largest of i.i.d. uniforms form a uniform m-subset (no full sort).
         chosen = noise.topk(int(sizes.flatten()[0]), dim=-1).indices.to(sizes.device)
@@ -304,6 +334,7 @@ class MaskScheme(ABC):
         generator: torch.Generator | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        keys: torch.Tensor | None = None,
     ) -> MaskSample:
         """Draw ``num_masks`` independent replicates of this scheme's basic draw.
 
@@ -319,6 +350,13 @@ class MaskScheme(ABC):
             device: where the masks and weights are returned (default: the generator's device,
                 else the CPU). Masks are drawn on the generator's device, so a CPU generator gives
                 the same masks whatever ``device`` is.
+            keys: instead of a generator, an int64 tensor of shape ``batch_shape`` with one key
+                per row (e.g. ``fold_in(fold_in(seed, step), rows)`` for global row indices
+                ``rows``; see :func:`fold_in`); with ``shared=True``, one key (shape ``()``) for
+                the whole batch. A row's masks are then a pure function of its key: the same
+                whichever other rows are in the batch and on whichever process it is scored.
+                Keyed masks have the same distribution as generator-drawn ones, not the same
+                values.
 
         Returns:
             A :class:`MaskSample` with masks of shape ``(S, *batch_shape, D)``.
@@ -326,12 +364,18 @@ class MaskScheme(ABC):
         _check_positive_int("event_size", event_size)
         _check_positive_int("num_masks", num_masks)
         _check_generator(generator)
+        if keys is not None and generator is not None:
+            raise ValueError("pass a generator or keys, not both")
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype of the weights must be a floating dtype, got {dtype!r}")
         batch_shape = torch.Size(batch_shape)
         row_shape = torch.Size() if self.shared else batch_shape
-        masks, weights, strata = self._draw(event_size, row_shape, num_masks, generator)
+        if keys is None:
+            source = _GeneratorSource(generator)
+        else:
+            source = _KeyedSource(_check_keys(keys, row_shape, self.shared))
+        masks, weights, strata = self._draw(event_size, row_shape, num_masks, source)
         if self.shared:
             ones = (1,) * len(batch_shape)
             masks = masks.reshape(len(masks), *ones, event_size)
@@ -349,10 +393,11 @@ class MaskScheme(ABC):
 
     @abstractmethod
     def _draw(
-        self, event_size: int, row_shape: torch.Size, num_masks: int, generator
+        self, event_size: int, row_shape: torch.Size, num_masks: int, source: _RandomSource
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return masks ``(S, *row_shape, D)``, weights ``(S, *row_shape)`` for one replicate
-        each (the caller divides by ``num_masks``) and strata ``(S,)``."""
+        each (the caller divides by ``num_masks``) and strata ``(S,)``, with uniforms from
+        ``source.draws(S)``."""
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "shared" or v)
@@ -365,11 +410,12 @@ class _UniformSizes(MaskScheme):
     def _size_range(self, event_size: int) -> tuple[int, int]:
         raise NotImplementedError
 
-    def _draw(self, event_size, row_shape, num_masks, generator):
+    def _draw(self, event_size, row_shape, num_masks, source):
         low, high = self._size_range(event_size)
-        sizes = torch.randint(low, high + 1, (num_masks, *row_shape), generator=generator)
+        source = source.draws(num_masks)
+        sizes = source.randint(low, high + 1, (num_masks, *row_shape))
         weights = (high - low + 1) / sizes.to(torch.float64)
-        masks = masks_of_sizes(sizes, event_size, generator)
+        masks = _masks_from_noise(sizes, source.rand(*sizes.shape, event_size))
         return masks, weights, torch.zeros(num_masks, dtype=torch.long)
 
 
@@ -389,19 +435,20 @@ class Cumulative(_UniformSizes):
     def _size_range(self, event_size):
         return 1, event_size
 
-    def _draw(self, event_size, row_shape, num_masks, generator):
+    def _draw(self, event_size, row_shape, num_masks, source):
         # Masking each dimension with probability t, t ~ U(0, 1), gives a size uniform on 0..D
         # (Beta-Binomial(1, 1)) and, given the size, a uniform subset: redrawing the rows that
         # mask nothing leaves exactly this scheme's distribution, without sorting (5 of the
         # 49 ms of an SVI step on digits went to the argsort of masks_of_sizes).
-        device = "cpu" if generator is None else generator.device
+        source = source.draws(num_masks)
         shape = (num_masks, *row_shape)
-        masks = torch.empty(*shape, event_size, dtype=torch.bool, device=device)
-        todo = torch.ones(shape, dtype=torch.bool, device=device)
+        masks = torch.empty(*shape, event_size, dtype=torch.bool, device=source.device)
+        todo = torch.ones(shape, dtype=torch.bool, device=source.device)
         while bool(todo.any()):
             count = int(todo.sum())
-            rates = torch.rand(count, 1, generator=generator, device=device)
-            masks[todo] = torch.rand(count, event_size, generator=generator, device=device) < rates
+            redrawn = source.subset(todo)
+            rates = redrawn.rand(count, 1)
+            masks[todo] = redrawn.rand(count, event_size) < rates
             todo = ~masks.any(-1)
         weights = event_size / masks.sum(-1).to(torch.float64)
         return masks, weights, torch.zeros(num_masks, dtype=torch.long)
@@ -457,11 +504,12 @@ class FixedRate(MaskScheme):
         _check_rate("rate", rate)
         self.rate = float(rate)
 
-    def _draw(self, event_size, row_shape, num_masks, generator):
+    def _draw(self, event_size, row_shape, num_masks, source):
         size = size_for_rate(self.rate, event_size)
         sizes = torch.full((num_masks, *row_shape), size)
         weights = torch.full(sizes.shape, event_size / size, dtype=torch.float64)
-        masks = masks_of_sizes(sizes, event_size, generator)
+        noise = source.draws(num_masks).rand(*sizes.shape, event_size)
+        masks = _masks_from_noise(sizes, noise)
         return masks, weights, torch.zeros(num_masks, dtype=torch.long)
 
 
@@ -482,12 +530,13 @@ class Stratified(MaskScheme):
         _check_positive_int("masks_per_size", masks_per_size)
         self.masks_per_size = masks_per_size
 
-    def _draw(self, event_size, row_shape, num_masks, generator):
+    def _draw(self, event_size, row_shape, num_masks, source):
         per_size = self.masks_per_size * num_masks
         strata = torch.arange(event_size).repeat_interleave(per_size)
         sizes = (strata + 1).reshape(-1, *[1] * len(row_shape)).expand(len(strata), *row_shape)
         weights = 1.0 / (self.masks_per_size * sizes.to(torch.float64))
-        return masks_of_sizes(sizes, event_size, generator), weights, strata
+        noise = source.draws(len(strata)).rand(*sizes.shape, event_size)
+        return _masks_from_noise(sizes, noise), weights, strata
 
 
 class Exhaustive(MaskScheme):
@@ -505,7 +554,7 @@ class Exhaustive(MaskScheme):
 
     exact = True
 
-    def _draw(self, event_size, row_shape, num_masks, generator):
+    def _draw(self, event_size, row_shape, num_masks, source):
         if event_size > EXHAUSTIVE_MAX_SIZE:
             raise ValueError(
                 f"Exhaustive masks need 2^D - 1 masks; event_size={event_size} exceeds the limit "
@@ -523,3 +572,185 @@ class Exhaustive(MaskScheme):
 
     def __repr__(self) -> str:
         return "Exhaustive()"
+
+
+# ------------------------------------------------------------------------------- keyed draws
+# Counter-based random numbers (splitmix64, Steele, Lea & Flood 2014; the finaliser is Stafford's
+# "Mix13"), written in int64 torch ops: multiplication wraps modulo 2^64 and right shifts are
+# made logical by masking, so the bit patterns are those of the uint64 reference on every device.
+def _signed64(value: int) -> int:
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >> 63 else value
+
+
+_GAMMA = _signed64(0x9E3779B97F4A7C15)
+_MIX1 = _signed64(0xBF58476D1CE4E5B9)
+_MIX2 = _signed64(0x94D049BB133111EB)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    return x ^ _shift_right(x, 31)
+
+
+def _as_keys(value, device=None) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"keys and data must be integer tensors or ints, got {value.dtype}")
+        return value.to(device=device, dtype=torch.int64)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"keys and data must be integer tensors or ints, got {value!r}")
+    return torch.tensor(_signed64(value), dtype=torch.int64, device=device)
+
+
+def fold_in(keys: torch.Tensor | int, data: torch.Tensor | int) -> torch.Tensor:
+    r"""New 64-bit keys from ``keys`` and integer ``data``, element-wise with broadcasting.
+
+    ``fold_in(k, d) = mix(k XOR mix(d + γ))`` with splitmix64's finaliser ``mix`` (a bijection
+    of 64-bit words) and its increment γ: for a fixed key, distinct data give distinct keys, and
+    keys that differ in one input look unrelated. Chain it to key anything by integers, as
+    ``jax.random.fold_in`` does: ``fold_in(fold_in(seed, step), rows)`` gives each row of a step
+    its own key, which :meth:`MaskScheme.sample` (``keys=``), :func:`keyed_uniform` and
+    :func:`keyed_normal` turn into random numbers. Keys are int64 tensors holding the bit
+    patterns of unsigned 64-bit words; ints are taken modulo :math:`2^{64}`.
+
+    Example:
+        >>> rows = torch.tensor([7, 3])
+        >>> keys = fold_in(fold_in(0, 12), rows)  # seed 0, step 12, global rows 7 and 3
+        >>> bool(keys[0] == fold_in(fold_in(0, 12), 7))  # a row's key ignores the other rows
+        True
+    """
+    device = keys.device if isinstance(keys, torch.Tensor) else None
+    if device is None and isinstance(data, torch.Tensor):
+        device = data.device
+    keys, data = _as_keys(keys, device), _as_keys(data, device)
+    return _mix64(keys ^ _mix64(data + _GAMMA))
+
+
+def keyed_uniform(keys: torch.Tensor | int, size: int, offset: int = 0) -> torch.Tensor:
+    r"""``size`` uniforms on (0, 1) per key, float64, shape ``(*keys.shape, size)``.
+
+    Entry ``j`` is output number ``offset + j + 1`` of splitmix64 seeded with the key, top 53
+    bits: :math:`(\lfloor b / 2^{11} \rfloor + \tfrac12)\, 2^{-53}`, never 0 or 1. Each key's
+    numbers depend on that key alone (and the first ``n`` do not depend on ``size``); disjoint
+    ranges ``offset .. offset + size - 1`` read disjoint parts of the key's stream.
+
+    Example:
+        >>> u = keyed_uniform(fold_in(0, torch.arange(3)), 4)
+        >>> u.shape, u.dtype, bool(((u > 0) & (u < 1)).all())
+        (torch.Size([3, 4]), torch.float64, True)
+        >>> torch.equal(keyed_uniform(fold_in(0, 1), 2), u[1, :2])
+        True
+    """
+    _check_positive_int("size", size)
+    keys = _as_keys(keys, keys.device if isinstance(keys, torch.Tensor) else None)
+    steps = torch.arange(1, size + 1, dtype=torch.int64, device=keys.device)
+    steps = (steps + _signed64(offset)) * _GAMMA
+    bits = _mix64(keys.unsqueeze(-1) + steps)
+    return (_shift_right(bits, 11).to(torch.float64) + 0.5) * 2.0**-53
+
+
+def keyed_normal(keys: torch.Tensor | int, size: int) -> torch.Tensor:
+    """``size`` standard normals per key (the normal quantiles of :func:`keyed_uniform`), float64.
+
+    Example:
+        >>> z = keyed_normal(fold_in(1, torch.arange(20000)), 2)
+        >>> abs(z.mean().item()) < 0.02, abs(z.std().item() - 1) < 0.02
+        (True, True)
+    """
+    return torch.special.ndtri(keyed_uniform(keys, size))
+
+
+def _check_keys(keys, row_shape: torch.Size, shared: bool) -> torch.Tensor:
+    if not isinstance(keys, torch.Tensor):
+        keys = _as_keys(keys)
+    if keys.is_floating_point() or keys.dtype == torch.bool:
+        raise TypeError(f"keys must be an integer tensor (see fold_in), got {keys.dtype}")
+    if keys.shape != row_shape:
+        expected = "one key, shape ()" if shared else f"one key per row, shape {tuple(row_shape)}"
+        raise ValueError(
+            f"keys must hold {expected}, got shape {tuple(keys.shape)}"
+            + (" (shared masks are the same on every row: pass one key)" if shared else "")
+        )
+    return keys.long()
+
+
+class _RandomSource(ABC):
+    """Uniforms for :meth:`MaskScheme._draw`: from a generator, or keyed per draw and row."""
+
+    device: torch.device | str
+
+    def draws(self, num: int) -> _RandomSource:
+        """The source for ``num`` draws of every row (shapes then start with ``(num, *rows)``)."""
+        return self
+
+    def subset(self, where: torch.Tensor) -> _RandomSource:
+        """The source for the (draw, row) pairs where ``where`` holds (shapes ``(count, ...)``)."""
+        return self
+
+    @abstractmethod
+    def rand(self, *shape: int) -> torch.Tensor:
+        """Uniforms on [0, 1) of ``shape``."""
+
+    @abstractmethod
+    def randint(self, low: int, high: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """Integers uniform on ``low..high - 1`` of ``shape``."""
+
+
+class _GeneratorSource(_RandomSource):
+    """``torch.rand``/``torch.randint`` on one generator: the draws this module always made."""
+
+    def __init__(self, generator: torch.Generator | None):
+        self.generator = generator
+        self.device = "cpu" if generator is None else generator.device
+
+    def rand(self, *shape):
+        return torch.rand(*shape, generator=self.generator, device=self.device)
+
+    def randint(self, low, high, shape):
+        return torch.randint(low, high, shape, generator=self.generator)
+
+
+class _KeyedSource(_RandomSource):
+    """Keyed uniforms: the k-th request of a source reads outputs ``k 2^32 + 1, ...`` of the
+    splitmix64 stream of each (draw, row) key, so a row's numbers depend only on its key and the
+    order of requests."""
+
+    def __init__(self, keys: torch.Tensor, requests: list[int] | None = None):
+        self.keys = keys
+        self.device = keys.device
+        self._requests = [0] if requests is None else requests  # shared with subsets
+
+    def draws(self, num):
+        index = torch.arange(num, device=self.device).reshape(num, *[1] * self.keys.dim())
+        return _KeyedSource(fold_in(self.keys.unsqueeze(0), index), self._requests)
+
+    def subset(self, where):
+        return _KeyedSource(self.keys[where.to(self.device)], self._requests)
+
+    def _stream(self, shape) -> tuple[torch.Tensor, tuple[int, ...]]:
+        lead = tuple(self.keys.shape)
+        if tuple(shape[: len(lead)]) != lead:
+            raise RuntimeError(f"requested shape {tuple(shape)} does not start with {lead}")
+        extra = tuple(shape[len(lead) :])
+        if math.prod(extra) >= 2**32:
+            raise RuntimeError(f"a keyed request draws < 2^32 numbers per key, got {extra}")
+        request = self._requests[0]
+        self._requests[0] += 1
+        return request << 32, extra
+
+    def rand(self, *shape):
+        offset, extra = self._stream(shape)
+        return keyed_uniform(self.keys, math.prod(extra), offset).reshape(shape)
+
+    def randint(self, low, high, shape):
+        offset, extra = self._stream(shape)
+        if extra:
+            raise RuntimeError("keyed randint draws one integer per (draw, row)")
+        uniform = keyed_uniform(self.keys, 1, offset).squeeze(-1)
+        return (low + (uniform * (high - low)).long()).clamp(max=high - 1)

@@ -91,6 +91,8 @@ def mpt_score(
     num_masks: int = 1,
     generator: torch.Generator | None = None,
     reduction: Reduction = "none",
+    keys: torch.Tensor | None = None,
+    gather: bool = False,
 ) -> MPTEstimate:
     r"""Masked pre-training estimate of :math:`\log p(x)` (or the scheme's target) per row.
 
@@ -104,6 +106,12 @@ def mpt_score(
         reduction: ``"none"`` (per row), ``"mean"`` or ``"sum"`` over rows. Reduce here rather
             than afterwards: the standard error then pools the rows' mask noise (independent
             masks) or accounts for masks shared across rows.
+        keys: instead of ``generator``, one int64 key per row (shape of the batch; see
+            :func:`~pyro_mpt.masks.fold_in`): each row's masks are a pure function of its key,
+            e.g. of a seed and its global row index.
+        gather: when the rows are spread over processes (``torch.distributed``), estimate from
+            every process's rows (:mod:`pyro_mpt.distributed`): the same detached estimate and
+            standard error on every process, never an average of per-process ones.
 
     Returns:
         :class:`MPTEstimate` (``.mean`` differentiable, ``.stderr`` detached, ``.dof``). Integer
@@ -118,16 +126,26 @@ def mpt_score(
         >>> est = mpt_score(d, x, masks=Exhaustive())
         >>> torch.allclose(est.mean, d.log_prob(x), atol=1e-5)
         True
+
+        Masks keyed by global row index give each row the same estimate in any batch:
+
+        >>> from pyro_mpt.masks import fold_in
+        >>> keys = fold_in(0, torch.arange(8))
+        >>> first = mpt_score(d, x[:3], keys=keys[:3]).mean
+        >>> torch.equal(first, mpt_score(d, x, keys=keys).mean[:3])
+        True
     """
     masks = Cumulative() if masks is None else masks
     if not isinstance(masks, MaskScheme):
         raise TypeError(f"masks must be a pyro_mpt.masks.MaskScheme, got {type(masks).__name__}")
     value = as_value(dist, value)
     batch = batch_shape_of(dist, value)
-    draw = masks.sample(event_size(dist), batch, num_masks, generator, value.dtype, value.device)
+    draw = masks.sample(
+        event_size(dist), batch, num_masks, generator, value.dtype, value.device, keys=keys
+    )
     with limited_threads():
         log_prob = masked_conditional_log_prob(dist, value, draw.masks)  # zero where unmasked
-        estimate = draw.estimate(log_prob.sum(-1), reduction, summed=True)
+        estimate = draw.estimate(log_prob.sum(-1), reduction, summed=True, gather=gather)
     return estimate._replace(mean=limit_threads_in_backward(estimate.mean))
 
 

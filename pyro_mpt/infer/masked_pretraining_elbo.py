@@ -98,6 +98,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
+from contextlib import contextmanager
 
 import pyro
 import pyro.poutine as poutine
@@ -112,9 +113,10 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match, check_site_shape, warn_if_nan
 
 from ..gaussian import as_value, masked_conditional_log_prob
-from ..masks import Cumulative, MaskSample, MaskScheme
+from ..masks import Cumulative, MaskSample, MaskScheme, fold_in, keyed_normal
 from ..threads import limit_threads_in_backward, limited_threads
 from .observed_view import masked_observations
+from .row_keys import KeyedLatents, SiteKeys, name_code, plate_indices
 from .site_terms import (
     effective_sample_size,
     fit_gaussian_proposal,
@@ -160,6 +162,16 @@ class MaskedPretrainingELBO(ELBO):
             in. Default: every plate (vectorized or sequential) of the observed site.
         generator: ``torch.Generator`` for the masks (deterministic under a seed). Latent samples
             (guide and importance particles) use Pyro's global RNG (``pyro.set_rng_seed``).
+        seed: key the masks and the importance particles of local latents by ``(seed, step,
+            particle, site, global row index)`` instead (:mod:`pyro_mpt.infer.row_keys`): a
+            row's draws then do not depend on the other rows of the batch, so data-parallel
+            training (Lightning DDP) on any number of processes draws what one process draws over
+            the union of their batches. The global row indices are the plate's ``subsample=``
+            indices (``pyro.plate("data", N, subsample=indices)`` in model and guide); sites in a
+            plate subsampled at random, and local latents that are not (expanded, independent)
+            Normal or MultivariateNormal, fall back to ``generator`` and Pyro's RNG, with a
+            warning. Guide samples of global latents always come from Pyro's RNG (seed every
+            process alike). The step is :attr:`step`.
         max_plate_nesting: as in :class:`~pyro.infer.ELBO`, and so are ``vectorize_particles``,
             ``strict_enumeration_warning``, ``ignore_jit_warnings`` and ``retain_graph``.
 
@@ -173,6 +185,20 @@ class MaskedPretrainingELBO(ELBO):
         >>> elbo = MaskedPretrainingELBO(generator=torch.Generator().manual_seed(0))
         >>> svi = pyro.infer.SVI(model, lambda x: None, pyro.optim.Adam({"lr": 0.01}), elbo)
         >>> loss = svi.step(torch.randn(10, 3))
+
+        Keyed by seed, step and global row index, a row's term is the same in any batch:
+
+        >>> def rows(x, index):
+        ...     cov = torch.eye(3) + 0.5
+        ...     with pyro.plate("data", 10, subsample=index):
+        ...         pyro.sample("x", dist.MultivariateNormal(torch.zeros(3), cov), obs=x)
+        >>> x, index = torch.randn(4, 3), torch.tensor([7, 0, 3, 9])
+        >>> def loss(part):
+        ...     elbo = MaskedPretrainingELBO(seed=0)
+        ...     return elbo.loss(rows, lambda *args: None, x[part], index[part])
+        >>> halves = loss(slice(0, 2)) + loss(slice(2, 4))  # plate scales 10/2, and 10/4 below
+        >>> abs(halves / 2 - loss(slice(0, 4))) < 1e-4
+        True
     """
 
     def __init__(
@@ -185,6 +211,7 @@ class MaskedPretrainingELBO(ELBO):
         adapt_steps: int = 2,
         local_plates: Iterable[str] | None = None,
         generator: torch.Generator | None = None,
+        seed: int | None = None,
         max_plate_nesting: float = math.inf,
         vectorize_particles: bool = False,
         strict_enumeration_warning: bool = True,
@@ -209,6 +236,8 @@ class MaskedPretrainingELBO(ELBO):
             raise ValueError(f"proposal must be 'prior' or 'guide', got {proposal!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -223,6 +252,13 @@ class MaskedPretrainingELBO(ELBO):
         self.proposal = proposal
         self.local_plates = None if local_plates is None else frozenset(local_plates)
         self.generator = generator
+        self.seed = seed
+        #: Calls so far (``loss``, ``differentiable_loss``, ``loss_and_grads``); with ``seed``, the
+        #: step folded into the keys. Set it to resume a keyed run (e.g. to the global step).
+        self.step = 0
+        self._keyed: KeyedLatents | None = None  # the trace being built, with seed
+        self._keys: SiteKeys | None = None  # the observed site being scored, with seed
+        self._warned_unkeyed = False
         self.adapt_steps = adapt_steps
         #: Effective sample size of the importance weights per site, ``(S, *batch)``, from the
         #: last call (sites with local latents only).
@@ -231,6 +267,62 @@ class MaskedPretrainingELBO(ELBO):
         self._warned_ess = False
 
     # ----------------------------------------------------------------------------------- traces
+    def _get_traces(self, model, guide, args, kwargs):
+        """ELBO._get_traces, with each particle's trace built under :meth:`_keying`."""
+        step, self.step = self.step, self.step + 1
+        if self.vectorize_particles:
+            if self.max_plate_nesting == math.inf:
+                self._guess_max_plate_nesting(model, guide, args, kwargs)
+            with self._keying(step, 0):
+                traces = self._get_vectorized_trace(model, guide, args, kwargs)
+            yield traces
+            return
+        for particle in range(self.num_particles):
+            with self._keying(step, particle):
+                traces = self._get_trace(model, guide, args, kwargs)
+            yield traces
+
+    @contextmanager
+    def _keying(self, step: int, particle: int):
+        """With ``seed``: a messenger that keys the local latents of the trace being built (its
+        sites and plate indices are filled in by :meth:`_get_trace`)."""
+        if self.seed is None:
+            yield
+            return
+        self._keyed = KeyedLatents(fold_in(fold_in(self.seed, step), particle))
+        try:
+            with self._keyed:
+                yield
+        finally:
+            self._keyed = None
+
+    def _set_keying(self, full_model_trace, full_guide_trace, all_local) -> None:
+        if self._keyed is not None:
+            self._keyed.bind(all_local, *plate_indices(full_model_trace, full_guide_trace))
+
+    def _site_keys(self, name: str, site) -> SiteKeys | None:
+        keyed = self._keyed
+        if keyed is None:
+            return None
+        random = sorted(f.name for f in site["cond_indep_stack"] if f.name in keyed.random_plates)
+        if random:
+            self._warn_unkeyed(f"observed site '{name}' sits in plates {random}, subsampled at "
+                               "random (subsample_size= without subsample=)")
+            return None
+        return SiteKeys(fold_in(keyed.key, name_code(name)), site["cond_indep_stack"],
+                        keyed.indices)
+
+    def _warn_unkeyed(self, what: str) -> None:
+        if not self._warned_unkeyed:
+            self._warned_unkeyed = True
+            warnings.warn(
+                f"MaskedPretrainingELBO(seed=...): {what}, so their draws come from the generator "
+                "and Pyro's RNG and depend on the batch and the number of processes. Pass the "
+                "global row indices: pyro.plate(name, N, subsample=indices) in model and guide.",
+                UserWarning,
+                stacklevel=6,
+            )
+
     def _get_trace(self, model, guide, args, kwargs):
         """One guide trace and the model replayed against it, with MPT terms at observed sites.
 
@@ -269,10 +361,12 @@ class MaskedPretrainingELBO(ELBO):
                         check_site_shape(site, self.max_plate_nesting)
 
         nesting = _plate_nesting(full_model_trace, full_guide_trace)
+        self._set_keying(full_model_trace, full_guide_trace, all_local)
         prior_particles = None
         for name in observed:
             site = model_trace.nodes[name]
             value = _observed_value(name, site)
+            self._keys = self._site_keys(name, site)
             if not local[name]:
                 estimate = self._exact_conditional_term(name, site, value)
             elif self.proposal == "prior":
@@ -296,6 +390,11 @@ class MaskedPretrainingELBO(ELBO):
             site["mpt_log_prob_sum"] = site["mpt_log_prob"].sum()
             if is_validation_enabled():
                 warn_if_nan(site["mpt_log_prob_sum"], f"masked pre-training term at site '{name}'")
+        self._keys = None
+        if self._keyed is not None and self._keyed.unkeyed:
+            self._warn_unkeyed(f"local latent sites {sorted(self._keyed.unkeyed)} are not "
+                               "(expanded, independent) Normal or MultivariateNormal, or sit in "
+                               "plates subsampled at random")
         return model_trace, guide_trace, integrated
 
     def _warn_if_guide_is_unused(self, guide_trace, integrated) -> None:
@@ -319,9 +418,23 @@ class MaskedPretrainingELBO(ELBO):
             )
 
     def _draw(self, size: int, batch_shape: torch.Size, like: torch.Tensor) -> MaskSample:
+        if self._keys is not None:
+            keys = self._keys.next(batch_shape, per_row=not self.masks.shared)
+            return self.masks.sample(
+                size, batch_shape, self.num_masks, None, like.dtype, like.device, keys=keys
+            )
         return self.masks.sample(
             size, batch_shape, self.num_masks, self.generator, like.dtype, like.device
         )
+
+    def _sample_proposal(self, proposal, num: int) -> torch.Tensor:
+        """``num`` draws of a ``MultivariateNormal`` proposal, keyed per row with ``seed``."""
+        if self._keys is None:
+            return proposal.sample((num,))
+        keys = self._keys.next(proposal.batch_shape)
+        keys = fold_in(keys, torch.arange(num).reshape(num, *[1] * keys.dim()))
+        noise = keyed_normal(keys, proposal.event_shape[-1]).to(proposal.loc)
+        return proposal.loc + (proposal.scale_tril @ noise.unsqueeze(-1)).squeeze(-1)
 
     def _exact_conditional_term(self, name: str, site: dict, value: torch.Tensor) -> torch.Tensor:
         """Sites without local latents: exact Gaussian conditionals, or factorised marginals."""
@@ -388,7 +501,9 @@ class MaskedPretrainingELBO(ELBO):
                 visible_w = importance_log_weights(log_lik, draw.masks, log_weights)
                 pooled = _pool_draws(log_lik), _pool_draws(log_weights)
                 full_w = importance_log_weights(pooled[0], None, pooled[1])
-                latents, log_q = _mixture_draw(latents, visible_w, full_w, spreads, num)
+                latents, log_q = _mixture_draw(
+                    latents, visible_w, full_w, spreads, num, self._sample_proposal
+                )
                 trace = self._trace_at(
                     model, args, kwargs, full_model_trace, integrated, nesting, batch_shape,
                     {z: (latents[z], particles.nodes[z]["fn"].event_dim) for z in local},
@@ -801,21 +916,26 @@ def _as_vector(site) -> torch.Tensor:
     return value.unsqueeze(-1) if site["fn"].event_dim == 0 else value
 
 
-def _mixture_draw(latents, visible_weights, full_weights, spreads, num):
+def _mixture_draw(latents, visible_weights, full_weights, spreads, num, sample=None):
     """One round of adaptive importance sampling: new particles ``(S, K, *batch, L)`` per latent
-    and their log proposal density ``(S, K, *batch)``.
+    and their log proposal density ``(S, K, *batch)``; ``sample(q, n)`` draws ``n`` particles
+    from a proposal (default ``q.sample((n,))``; keyed per row with a seeded ELBO).
 
     Two Gaussians per row: one fitted to the particles weighted towards p(z | x_R) (per mask),
     one towards p(z | x) (pooled over masks); every p(z | x_R, x_j), whose normaliser is the
     numerator of a conditional, lies between them. Half the particles come from each and are
     weighted by the mixture density (deterministic mixture, balance heuristic).
     """
+    if sample is None:
+        def sample(proposal, n):
+            return proposal.sample((n,))
+
     drawn, log_q = {}, ([], [])
     for z, particles in latents.items():
         given_r = fit_gaussian_proposal(particles, visible_weights, spreads[z])
         given_x = fit_gaussian_proposal(_pool_draws(particles), full_weights, spreads[z])
-        first = given_r.sample((num - num // 2,))
-        second = given_x.sample((num // 2,)).expand(-1, *first.shape[1:])
+        first = sample(given_r, num - num // 2)
+        second = sample(given_x, num // 2).expand(-1, *first.shape[1:])
         drawn[z] = torch.cat([first, second]).movedim(0, 1)
         for part, q in zip(log_q, (given_r, given_x), strict=True):
             part.append(q.log_prob(drawn[z].movedim(1, 0)).movedim(0, 1))

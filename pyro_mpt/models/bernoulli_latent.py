@@ -79,15 +79,23 @@ class BernoulliLatentModel(InstanceModule):
         """Bernoulli logits :math:`W z + b` for latents ``z`` of shape ``(..., L)``."""
         return z @ self.weight.mT + self.bias
 
-    def forward(self, x: torch.Tensor | None = None, num_data: int | None = None):
+    def forward(
+        self,
+        x: torch.Tensor | None = None,
+        num_data: int | None = None,
+        subsample: torch.Tensor | None = None,
+    ):
         """Pyro model: latent ``"z"`` and observed ``"x"`` per row in a ``"data"`` plate.
+
+        ``subsample``: the global indices of the rows of ``x``, passed to the plate.
 
         Example:
             >>> BernoulliLatentModel(6)(torch.zeros(3, 6)).shape
             torch.Size([3, 6])
         """
         size = num_data if num_data is not None else (len(x) if x is not None else 1)
-        with pyro.plate("data", size, subsample_size=None if x is None else len(x)):
+        subsample_size = None if x is None or subsample is not None else len(x)
+        with pyro.plate("data", size, subsample_size=subsample_size, subsample=subsample):
             prior = dist.Normal(torch.zeros((), dtype=self.weight.dtype), 1.0)
             z = pyro.sample("z", prior.expand([self.latent_dim]).to_event(1))
             return pyro.sample("x", dist.Bernoulli(logits=self.logits(z)).to_event(1), obs=x)

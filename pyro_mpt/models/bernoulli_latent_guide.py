@@ -65,9 +65,12 @@ class BernoulliLatentGuide(InstanceModule):
         scale = F.softplus(code @ self.scale_weight + self.scale_bias) + 1e-4
         return loc, scale
 
-    def forward(self, x: torch.Tensor, num_data: int | None = None):
+    def forward(
+        self, x: torch.Tensor, num_data: int | None = None, subsample: torch.Tensor | None = None
+    ):
         """Pyro guide with the model's signature: samples ``"z"`` in the ``"data"`` plate."""
         size = num_data if num_data is not None else len(x)
-        with pyro.plate("data", size, subsample_size=len(x)):
+        subsample_size = None if subsample is not None else len(x)
+        with pyro.plate("data", size, subsample_size=subsample_size, subsample=subsample):
             loc, scale = self.encode(x)
             return pyro.sample("z", dist.Normal(loc, scale).to_event(1))

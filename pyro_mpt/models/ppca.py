@@ -133,8 +133,16 @@ class PPCA(InstanceModule):
         """
         return self.marginal(cov_factor).log_prob(x)
 
-    def forward(self, x: torch.Tensor | None = None, num_data: int | None = None):
+    def forward(
+        self,
+        x: torch.Tensor | None = None,
+        num_data: int | None = None,
+        subsample: torch.Tensor | None = None,
+    ):
         """Pyro model: ``x`` observed row-wise in a ``"data"`` plate (``num_data`` rows in all).
+
+        ``subsample``: the global indices of the rows of ``x`` (e.g. from a distributed
+        sampler), passed to the plate; otherwise Pyro draws indices at random.
 
         Example:
             >>> PPCA(4, 2)(torch.zeros(3, 4)).shape
@@ -150,7 +158,8 @@ class PPCA(InstanceModule):
             cov_factor = pyro.sample(
                 "cov_factor", prior.expand([self.data_dim, self.latent_dim]).to_event(2)
             )
-        with pyro.plate("data", size, subsample_size=None if x is None else len(x)):
+        subsample_size = None if x is None or subsample is not None else len(x)
+        with pyro.plate("data", size, subsample_size=subsample_size, subsample=subsample):
             if self.collapsed:
                 return pyro.sample("x", self.marginal(cov_factor), obs=x)
             prior = dist.Normal(torch.zeros((), dtype=cov_factor.dtype), 1.0)
