@@ -167,12 +167,13 @@ def test_seeded_elbo_collapsed_ppca_rows_are_drawn_alike_in_any_batch(module_loc
     _split_and_union(model, _no_guide, torch.randn(N, 6))
 
 
-def test_seeded_elbo_latent_ppca_prior_particles_are_keyed(module_local_params):
+@pytest.mark.parametrize("adapt_steps", [0, 2])
+def test_seeded_elbo_latent_ppca_prior_particles_are_keyed(module_local_params, adapt_steps):
+    """Prior particles, and the adaptive rounds (each row's proposals fitted to its own
+    particles alone), are drawn alike for a row whichever batch it is in."""
     model = PPCA(6, 2, generator=torch.Generator().manual_seed(0), collapsed=False)
-    # adapt_steps=0: the prior particles alone (the adaptive rounds fit one proposal spread to
-    # the particles of all rows of the batch, which couples the rows).
     _split_and_union(model, _no_guide, torch.randn(N, 6), num_importance_samples=32,
-                     adapt_steps=0)
+                     adapt_steps=adapt_steps)
 
 
 def test_seeded_elbo_guide_proposal_particles_are_keyed(module_local_params):

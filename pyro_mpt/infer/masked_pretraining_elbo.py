@@ -950,10 +950,13 @@ def _pool_draws(tensor):
 
 
 def _covariance(particles: torch.Tensor) -> torch.Tensor:
-    """Covariance ``(L, L)`` of particles ``(1, K, *batch, L)`` over particles and rows."""
-    flat = particles.detach().reshape(-1, particles.shape[-1])
-    centred = flat - flat.mean(0)
-    return centred.T @ centred / max(1, len(flat) - 1)
+    """Covariance ``(1, *batch, L, L)`` of each row's particles ``(1, K, *batch, L)``: per row,
+    so that no row's proposal depends on the other rows of the batch (nor on how many
+    processes share the batch)."""
+    particles = particles.detach()
+    centred = particles - particles.mean(1, keepdim=True)
+    outer = centred.unsqueeze(-1) * centred.unsqueeze(-2)
+    return outer.sum(1) / max(1, particles.shape[1] - 1)
 
 
 def _without(trace, names: Iterable[str]):
