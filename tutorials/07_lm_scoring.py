@@ -37,9 +37,11 @@
 
 # %%
 import json
+import os
 import random
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -114,6 +116,7 @@ for step in range(steps):
     if step % 175 == 0 or step == steps - 1:
         print(f"step {step:4d}  masked-token loss {loss.item():.3f}")
 
+os.chdir(tempfile.mkdtemp(prefix="pyro-mpt-lm-"))  # a scratch folder for the files below
 checkpoint = Path("checkpoint")
 model.save_pretrained(checkpoint)
 tokenizer.save_pretrained(checkpoint)
