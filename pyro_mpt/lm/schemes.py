@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import MaskScheme, _check_positive_int, masks_of_sizes
+from ..masks import MaskScheme, _check_positive_int, _masks_from_noise
 
 __all__ = ["DiffusionTime", "StratifiedBins"]
 
@@ -75,19 +75,19 @@ class StratifiedBins(MaskScheme):
         edges = torch.arange(count + 1) * event_size // count
         return edges[:-1] + 1, edges[1:]
 
-    def _draw(self, event_size, row_shape, num_masks, generator):
+    def _draw(self, event_size, row_shape, num_masks, source):
         low, high = self.bins(event_size)
         per_stratum = self.masks_per_stratum * num_masks
         strata = torch.arange(len(low)).repeat_interleave(per_stratum)
+        source = source.draws(len(strata))
         shape = (len(strata), *row_shape)
         widths = (high - low + 1)[strata].reshape(-1, *[1] * len(row_shape)).expand(shape)
         sizes = low[strata].reshape(-1, *[1] * len(row_shape)).expand(shape)
         if bool((widths > 1).any()):  # one size per bin draws nothing here: Stratified's masks
-            device = "cpu" if generator is None else generator.device
-            uniform = torch.rand(shape, generator=generator, dtype=torch.float64, device=device)
-            sizes = sizes + (uniform.cpu() * widths).floor().long()
+            uniform = source.rand(*shape).to(torch.float64).cpu()
+            sizes = sizes + (uniform * widths).floor().long()
         weights = widths.to(torch.float64) / (self.masks_per_stratum * sizes.to(torch.float64))
-        return masks_of_sizes(sizes, event_size, generator), weights, strata
+        return _masks_from_noise(sizes, source.rand(*shape, event_size).cpu()), weights, strata
 
 
 class DiffusionTime(MaskScheme):
@@ -109,11 +109,9 @@ class DiffusionTime(MaskScheme):
         True
     """
 
-    def _draw(self, event_size, row_shape, num_masks, generator):
-        device = "cpu" if generator is None else generator.device
+    def _draw(self, event_size, row_shape, num_masks, source):
+        source = source.draws(num_masks)
         shape = (num_masks, *row_shape)
-        times = 1.0 - torch.rand(shape, generator=generator, dtype=torch.float64, device=device)
-        noise = torch.rand(*shape, event_size, generator=generator, dtype=torch.float64,
-                           device=device)  # fmt: skip
-        masks = noise < times.unsqueeze(-1)
-        return masks, 1.0 / times, torch.zeros(num_masks, dtype=torch.long, device=device)
+        times = 1.0 - source.rand(*shape).to(torch.float64)
+        masks = source.rand(*shape, event_size) < times.unsqueeze(-1)
+        return masks, 1.0 / times, torch.zeros(num_masks, dtype=torch.long, device=masks.device)
