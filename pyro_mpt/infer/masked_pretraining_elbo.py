@@ -103,10 +103,8 @@ from contextlib import contextmanager
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.distributions import Unit, constraints
-from pyro.distributions.torch_distribution import MaskedDistribution
+from pyro.distributions import constraints
 from pyro.distributions.util import is_identically_zero, scale_and_mask
-from pyro.infer.autoguide import AutoContinuous, AutoGuideList
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import MultiFrameTensor, get_plate_stacks, is_validation_enabled, torch_item
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
@@ -127,12 +125,19 @@ from .site_terms import (
     targets_log_marginal,
     weighted_conditional_log_prob,
 )
+from .sites import (
+    IMPORTANCE_PLATE,
+    MASK_PLATE,
+    data_sites,
+    local_auxiliary_sites,
+    local_latents,
+    observed_value,
+    row_mask,
+    unmasked_fn,
+)
 
 __all__ = ["MaskedPretrainingELBO"]
 
-_IMPORTANCE_PLATE = "_mpt_importance"
-_MASK_PLATE = "_mpt_masks"
-_INTERNAL_PLATES = frozenset({"num_particles_vectorized", _IMPORTANCE_PLATE, _MASK_PLATE})
 _SUPPORTED = (
     "MultivariateNormal, LowRankMultivariateNormal, or a distribution that factorises over its "
     "rightmost event dimension (e.g. Normal(...).to_event(1), Bernoulli(...).to_event(1))"
@@ -339,11 +344,11 @@ class MaskedPretrainingELBO(ELBO):
         )
         guide_trace = prune_subsample_sites(full_guide_trace)
         model_trace = prune_subsample_sites(full_model_trace)
-        observed = _check_sites(model_trace, guide_trace)
-        local = _local_sites(model_trace, observed, self.local_plates)
+        observed = data_sites(model_trace, guide_trace)
+        local = local_latents(model_trace, observed, self.local_plates)
         all_local = frozenset(name for names in local.values() for name in names)
         # Guide sites of integrated-out latents, autoguide auxiliaries included, are not ELBO terms.
-        integrated = all_local | _local_auxiliary_sites(guide, guide_trace, model_trace, local)
+        integrated = all_local | local_auxiliary_sites(guide, guide_trace, model_trace, local)
         if is_validation_enabled():
             check_model_guide_match(
                 _without(model_trace, integrated), _without(guide_trace, integrated)
@@ -365,7 +370,7 @@ class MaskedPretrainingELBO(ELBO):
         prior_particles = None
         for name in observed:
             site = model_trace.nodes[name]
-            value = _observed_value(name, site)
+            value = observed_value(name, site)
             self._keys = self._site_keys(name, site)
             if not local[name]:
                 estimate = self._exact_conditional_term(name, site, value)
@@ -385,8 +390,8 @@ class MaskedPretrainingELBO(ELBO):
                 )
             if isinstance(estimate, tuple):  # a guide proposal and its wake-phi objective
                 estimate, wake = estimate
-                site["mpt_wake"] = scale_and_mask(wake, site["scale"], _row_mask(site)).sum()
-            site["mpt_log_prob"] = scale_and_mask(estimate, site["scale"], _row_mask(site))
+                site["mpt_wake"] = scale_and_mask(wake, site["scale"], row_mask(site)).sum()
+            site["mpt_log_prob"] = scale_and_mask(estimate, site["scale"], row_mask(site))
             site["mpt_log_prob_sum"] = site["mpt_log_prob"].sum()
             if is_validation_enabled():
                 warn_if_nan(site["mpt_log_prob_sum"], f"masked pre-training term at site '{name}'")
@@ -438,7 +443,7 @@ class MaskedPretrainingELBO(ELBO):
 
     def _exact_conditional_term(self, name: str, site: dict, value: torch.Tensor) -> torch.Tensor:
         """Sites without local latents: exact Gaussian conditionals, or factorised marginals."""
-        fn = _unmasked_fn(site)
+        fn = unmasked_fn(site)
         if is_collapsed_gaussian(fn):
             value = as_value(fn, value)
             batch_shape = torch.broadcast_shapes(value.shape[:-1], fn.batch_shape)
@@ -461,13 +466,13 @@ class MaskedPretrainingELBO(ELBO):
         """The model re-run with K prior particles of every local latent, in one trace."""
         replay = _without(full_model_trace, all_local)
         with (
-            pyro.plate(_IMPORTANCE_PLATE, self.num_importance_samples, dim=-(nesting + 1)),
+            pyro.plate(IMPORTANCE_PLATE, self.num_importance_samples, dim=-(nesting + 1)),
             _unvalidated(),
         ):
             return poutine.trace(poutine.replay(model, trace=replay)).get_trace(*args, **kwargs)
 
     def _factorised_fn(self, name, site, local):
-        fn = _unmasked_fn(site)
+        fn = unmasked_fn(site)
         if not is_factorised(fn):
             raise TypeError(
                 f"observed site '{name}' depends on local latent sites {sorted(local)} but its "
@@ -487,7 +492,7 @@ class MaskedPretrainingELBO(ELBO):
         batch_shape, size = per_dim.shape[:-1], per_dim.shape[-1]
         draw = self._draw(size, batch_shape, per_dim)
         num = self.num_importance_samples
-        log_lik = per_dimension_log_prob(_unmasked_fn(particles.nodes[name]), value)
+        log_lik = per_dimension_log_prob(unmasked_fn(particles.nodes[name]), value)
         log_lik = _align(log_lik, (num,), batch_shape, size).unsqueeze(0)
         log_weights = None
         if self.adapt_steps and all(_is_real_vector(particles.nodes[z]["fn"]) for z in local):
@@ -513,7 +518,7 @@ class MaskedPretrainingELBO(ELBO):
                            lead, batch_shape, 1).squeeze(-1)
                     for z in local
                 )
-                log_lik = per_dimension_log_prob(_unmasked_fn(trace.nodes[name]), value)
+                log_lik = per_dimension_log_prob(unmasked_fn(trace.nodes[name]), value)
                 log_lik = _align(log_lik, lead, batch_shape, size)
                 log_weights = log_prior - log_q
         log_w = importance_log_weights(log_lik, draw.masks, log_weights)
@@ -533,8 +538,8 @@ class MaskedPretrainingELBO(ELBO):
         replay = _without(full_model_trace, integrated)
         dim = -(nesting + 1)
         with (
-            pyro.plate(_MASK_PLATE, num_draws, dim=dim - 1),
-            pyro.plate(_IMPORTANCE_PLATE, num, dim=dim),
+            pyro.plate(MASK_PLATE, num_draws, dim=dim - 1),
+            pyro.plate(IMPORTANCE_PLATE, num, dim=dim),
             _unvalidated(),
         ):
             conditioned = poutine.condition(poutine.replay(model, trace=replay), data=values)
@@ -573,8 +578,8 @@ class MaskedPretrainingELBO(ELBO):
         replay = _without(full_guide_trace, integrated)
         with (
             masked_observations({name: view_mask}, {name: value}) as read,
-            pyro.plate(_MASK_PLATE, num_draws, dim=dim - 1),
-            pyro.plate(_IMPORTANCE_PLATE, num, dim=dim),
+            pyro.plate(MASK_PLATE, num_draws, dim=dim - 1),
+            pyro.plate(IMPORTANCE_PLATE, num, dim=dim),
         ):
             proposal = poutine.trace(poutine.replay(guide, trace=replay)).get_trace(
                 *args, **kwargs
@@ -613,7 +618,7 @@ class MaskedPretrainingELBO(ELBO):
             for term in (log_prior, log_q)
         )
         log_weights = log_prior - log_q.detach()
-        log_lik = per_dimension_log_prob(_unmasked_fn(particles.nodes[name]), value)
+        log_lik = per_dimension_log_prob(unmasked_fn(particles.nodes[name]), value)
         log_lik = _align(log_lik, lead, batch_shape, size)
         log_w = importance_log_weights(log_lik, draw.masks, log_weights)
         self._record_ess(name, log_w)
@@ -728,159 +733,6 @@ class MaskedPretrainingELBO(ELBO):
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _is_data(site) -> bool:
-    """Observed sites that are data; ``pyro.deterministic`` and ``pyro.factor`` are not (their
-    log-densities enter the loss exactly as in Trace_ELBO)."""
-    return (
-        site["type"] == "sample"
-        and site["is_observed"]
-        and not site["infer"].get("_deterministic", False)
-        and not isinstance(_unmasked_fn(site), Unit)
-    )
-
-
-def _check_sites(model_trace, guide_trace) -> list[str]:
-    """Names of the observed data sites; clear errors for what the estimator cannot handle."""
-    for trace in (model_trace, guide_trace):
-        for name, site in trace.nodes.items():
-            if site["type"] == "sample" and site["infer"].get("enumerate"):
-                raise ValueError(
-                    f"site '{name}' is marked for enumeration "
-                    f"(infer={{'enumerate': {site['infer']['enumerate']!r}}}); "
-                    "MaskedPretrainingELBO does not enumerate discrete latents: sum them out in "
-                    "the model (e.g. with MixtureSameFamily)"
-                )
-    observed = []
-    for name, site in model_trace.nodes.items():
-        if not _is_data(site):
-            continue
-        if not isinstance(site["value"], torch.Tensor):
-            raise TypeError(
-                f"observed site '{name}' has a non-tensor value {type(site['value']).__name__}"
-            )
-        observed.append(name)
-    if not observed:
-        raise ValueError(
-            "the model has no observed sites (pyro.sample(..., obs=...)): masked pre-training "
-            "has nothing to predict"
-        )
-    return observed
-
-
-def _observed_value(name: str, site) -> torch.Tensor:
-    """The observation, with NaN allowed (and zeroed) only in rows that are masked out."""
-    value = site["value"]
-    if not value.is_floating_point():
-        return value
-    missing = ~torch.isfinite(value)
-    if not bool(missing.any()):
-        return value
-    row_mask = _row_mask(site)
-    event_dims = _unmasked_fn(site).event_dim
-    missing_rows = missing.flatten(value.dim() - event_dims).any(-1) if event_dims else missing
-    kept = True if row_mask is None else row_mask
-    if bool((missing_rows & kept).any()):
-        raise ValueError(
-            f"observed site '{name}' contains NaN or infinite values in rows that are scored; "
-            "remove those rows, or leave them out with poutine.mask(mask=...) or the "
-            "distribution's .mask(...) (rows masked out may hold NaN)"
-        )
-    # Masked-out rows are not scored; zero them so that no NaN reaches a gradient.
-    return torch.where(missing, torch.zeros_like(value), value)
-
-
-def _row_frames(site, local_plates) -> frozenset:
-    """The plates (vectorized or sequential) that index the rows of a site."""
-    return frozenset(
-        frame
-        for frame in site["cond_indep_stack"]
-        if frame.name not in _INTERNAL_PLATES
-        and (local_plates is None or frame.name in local_plates)
-    )
-
-
-def _local_sites(model_trace, observed: list[str], local_plates) -> dict[str, list[str]]:
-    """For each observed site, its local latents: latent sites in every plate of its rows.
-
-    A latent inside every plate (vectorized or sequential, with the same iteration) that indexes
-    the observed rows takes a separate value for each row, so it is integrated per row. A latent
-    missing from one of them (a per-feature scale in a ``features`` plate while the rows are
-    indexed by ``data`` and ``features``; a weight vector outside the data plate) is shared by
-    several rows: it is global and handled by the guide, as in Trace_ELBO.
-    """
-    local: dict[str, list[str]] = {name: [] for name in observed}
-    owner: dict[str, str] = {}
-    frames = {name: _row_frames(model_trace.nodes[name], local_plates) for name in observed}
-    for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or site["is_observed"]:
-            continue
-        latent_frames = frozenset(site["cond_indep_stack"])
-        for obs in observed:
-            if not frames[obs] or not frames[obs] <= latent_frames:
-                continue
-            if name in owner:
-                raise NotImplementedError(
-                    f"local latent site '{name}' is shared by observed sites '{owner[name]}' "
-                    f"and '{obs}'; MaskedPretrainingELBO masks one observed site at a time"
-                )
-            extra = sorted(
-                f.name for f in latent_frames - frames[obs]
-                if f.vectorized and f.name not in _INTERNAL_PLATES
-                and (local_plates is None or f.name in local_plates)
-            )
-            if extra:
-                raise NotImplementedError(
-                    f"local latent site '{name}' of observed site '{obs}' sits in plates {extra} "
-                    f"that do not index the rows of '{obs}'; move them into the event shape "
-                    "(.to_event) or name the data plates with local_plates="
-                )
-            owner[name] = obs
-            local[obs].append(name)
-            if not site["fn"].has_rsample:
-                raise ValueError(
-                    f"local latent site '{name}' of observed site '{obs}' is discrete "
-                    f"({type(site['fn']).__name__}) and would need enumeration; "
-                    "MaskedPretrainingELBO does not enumerate: sum it out in the model "
-                    "(e.g. with MixtureSameFamily)"
-                )
-    return local
-
-
-def _local_auxiliary_sites(guide, guide_trace, model_trace, local) -> frozenset[str]:
-    """Guide-only (auxiliary) sites that belong to integrated-out latents, e.g. AutoNormal's
-    ``z_unconstrained``: they sit in every row plate of an observed site with local latents."""
-    row_frames = [
-        _row_frames(model_trace.nodes[obs], None) for obs, latents in local.items() if latents
-    ]
-    if not row_frames:
-        return frozenset()
-    _check_joint_autoguide(guide, {name for latents in local.values() for name in latents})
-    return frozenset(
-        name
-        for name, site in guide_trace.nodes.items()
-        if site["type"] == "sample"
-        and name not in model_trace.nodes
-        and any(frames <= frozenset(site["cond_indep_stack"]) for frames in row_frames)
-    )
-
-
-def _check_joint_autoguide(guide, local_names) -> None:
-    """AutoContinuous guides (AutoDiagonalNormal, AutoLowRankMultivariateNormal, ...) draw every
-    latent from one joint auxiliary site, whose entropy cannot be split into global and local."""
-    parts = list(guide) if isinstance(guide, AutoGuideList) else [guide]
-    for part in parts:
-        if isinstance(part, AutoContinuous) and part.prototype_trace is not None:
-            covered = sorted(local_names & set(part.prototype_trace.nodes))
-            if covered:
-                raise NotImplementedError(
-                    f"{type(part).__name__} draws the local latent sites {covered} jointly with "
-                    "the global ones from one auxiliary site, so their entropy cannot be left out "
-                    "of the masked pre-training loss. Hide the local latents from it, e.g. "
-                    f"{type(part).__name__}(poutine.block(model, hide={covered!r})), or use "
-                    "AutoNormal"
-                )
-
-
 def _plate_nesting(*traces) -> int:
     """How many batch dimensions the traced sites use (plates and batch shapes)."""
     nesting = 0
@@ -965,22 +817,6 @@ def _without(trace, names: Iterable[str]):
         if name in trace.nodes:
             trace.remove_node(name)
     return trace
-
-
-def _unmasked_fn(site):
-    fn = site["fn"]
-    while isinstance(fn, MaskedDistribution):
-        fn = fn.base_dist
-    return fn
-
-
-def _row_mask(site):
-    """The site's mask combined with any ``.mask()`` on its distribution."""
-    mask, fn = site["mask"], site["fn"]
-    while isinstance(fn, MaskedDistribution):
-        mask = fn._mask if mask is None else mask & fn._mask
-        fn = fn.base_dist
-    return mask
 
 
 def _align(
