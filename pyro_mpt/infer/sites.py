@@ -40,6 +40,8 @@ INTERNAL_PLATES = frozenset({"num_particles_vectorized", IMPORTANCE_PLATE, MASK_
 
 
 def unmasked_fn(site):
+    """The site's distribution without the ``.mask()`` wrappers (masks are applied separately,
+    through :func:`row_mask`)."""
     fn = site["fn"]
     while isinstance(fn, MaskedDistribution):
         fn = fn.base_dist
