@@ -47,6 +47,7 @@ from arviz_base import from_dict
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.poutine.util import site_is_subsample
 
+from .masks import _check_positive_int
 from .scoring import MPTCurve, MPTEstimate
 
 __all__ = [
@@ -570,8 +571,7 @@ def from_gpytorch(
         >>> dict(dt["log_likelihood"]["y"].sizes)
         {'chain': 1, 'draw': 400, 'y_dim_0': 8}
     """
-    if not isinstance(num_draws, int) or num_draws < 1:
-        raise ValueError(f"num_draws must be a positive integer, got {num_draws!r}")
+    _check_positive_int("num_draws", num_draws)
     target, mean, cov, noise = _gp_posterior(model)
     eye = torch.eye(len(mean), dtype=mean.dtype, device=mean.device)
     jitter = 1e-10 * cov.diagonal().mean()

@@ -111,7 +111,7 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match, check_site_shape, warn_if_nan
 
 from ..gaussian import as_value, masked_conditional_log_prob
-from ..masks import Cumulative, MaskSample, MaskScheme, fold_in, keyed_normal
+from ..masks import Cumulative, MaskSample, MaskScheme, _check_positive_int, fold_in, keyed_normal
 from ..threads import limit_threads_in_backward, limited_threads
 from .observed_view import masked_observations
 from .row_keys import KeyedLatents, SiteKeys, name_code, plate_indices
@@ -230,13 +230,9 @@ class MaskedPretrainingELBO(ELBO):
             )
         if not isinstance(adapt_steps, int) or isinstance(adapt_steps, bool) or adapt_steps < 0:
             raise ValueError(f"adapt_steps must be a non-negative integer, got {adapt_steps!r}")
-        for name, value in [
-            ("num_masks", num_masks),
-            ("num_particles", num_particles),
-            ("num_importance_samples", num_importance_samples),
-        ]:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        _check_positive_int("num_masks", num_masks)
+        _check_positive_int("num_particles", num_particles)
+        _check_positive_int("num_importance_samples", num_importance_samples)
         if proposal not in ("prior", "guide"):
             raise ValueError(f"proposal must be 'prior' or 'guide', got {proposal!r}")
         if generator is not None and not isinstance(generator, torch.Generator):

@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..masks import _check_positive_int
+
 __all__ = ["EncodedText", "MaskedPredictor"]
 
 _EXTRA_HINT = (
@@ -162,8 +164,8 @@ class MaskedPredictor:
             raise ValueError(f"mask_token_id must be a non-negative integer, got {mask_token_id!r}")
         if not callable(model):
             raise TypeError(f"model must be callable (input_ids -> logits), got {model!r}")
-        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
-            raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+        if max_length is not None:
+            _check_positive_int("max_length", max_length)
         self.model = model
         self.tokenizer = tokenizer
         self.mask_token_id = int(mask_token_id)
