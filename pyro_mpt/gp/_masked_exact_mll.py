@@ -39,7 +39,7 @@ from linear_operator.operators import MaskedLinearOperator
 from torch import Tensor
 
 from ..gaussian import full_rank_conditionals, normal_log_prob
-from ..masks import MaskSample
+from ..masks import MaskSample, _check_generator
 from ..threads import limit_threads_in_backward, limited_threads
 
 __all__ = ["MaskedExactMLL", "Observations"]
@@ -81,8 +81,7 @@ class MaskedExactMLL(ExactMarginalLogLikelihood):
                 f"needs the exact joint predictive; got {type(model).__name__} (for approximate "
                 "GPs use gpytorch.mlls.VariationalELBO or PredictiveLogLikelihood)"
             )
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        _check_generator(generator)
         super().__init__(likelihood, model)
         self.generator = generator
 

@@ -111,7 +111,15 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match, check_site_shape, warn_if_nan
 
 from ..gaussian import as_value, masked_conditional_log_prob
-from ..masks import Cumulative, MaskSample, MaskScheme, _check_positive_int, fold_in, keyed_normal
+from ..masks import (
+    Cumulative,
+    MaskSample,
+    MaskScheme,
+    _check_generator,
+    _check_positive_int,
+    fold_in,
+    keyed_normal,
+)
 from ..threads import limit_threads_in_backward, limited_threads
 from .observed_view import masked_observations
 from .row_keys import KeyedLatents, SiteKeys, name_code, plate_indices
@@ -235,8 +243,7 @@ class MaskedPretrainingELBO(ELBO):
         _check_positive_int("num_importance_samples", num_importance_samples)
         if proposal not in ("prior", "guide"):
             raise ValueError(f"proposal must be 'prior' or 'guide', got {proposal!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        _check_generator(generator)
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
         super().__init__(
