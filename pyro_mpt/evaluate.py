@@ -58,6 +58,7 @@ import torch
 
 from .distributed import gather_rows
 from .gaussian import event_size, masked_conditional_log_prob, normal_log_prob
+from .infer.evidence import importance_log_marginal, mpt_log_marginal
 from .masks import FixedRate, MaskScheme, MPTEstimate, Stratified, fold_in, size_for_rate
 from .threads import limited_threads
 
@@ -66,6 +67,8 @@ __all__ = [
     "pseudo_log_likelihood",
     "rate_key",
     "evaluate_model",
+    "mpt_log_marginal",
+    "importance_log_marginal",
     "compare_models",
     "evaluate_gps",
     "PyroModel",

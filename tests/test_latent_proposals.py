@@ -5,13 +5,18 @@ import math
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import pytest
 import torch
+from pyro.infer import Trace_ELBO
 
 from pyro_mpt.datasets import load_binarized_digits
-from pyro_mpt.infer import MaskedPretrainingELBO
-from pyro_mpt.masks import Exhaustive, FixedRate
+from pyro_mpt.infer import MaskedPretrainingELBO, masked_observations
+from pyro_mpt.infer.site_terms import snis_conditional_log_prob
+from pyro_mpt.masks import Exhaustive, Stratified
 from pyro_mpt.models import BernoulliLatentGuide, BernoulliLatentModel
+from pyro_mpt.models.fitting import fit
+from pyro_mpt.training import fit_svi
 
 D, L, N = 6, 2, 50
 
@@ -78,48 +83,65 @@ def test_effective_sample_size_is_reported_per_site(latent_ppca):
 
 
 @pytest.fixture(scope="module")
-def bernoulli():
-    x = load_binarized_digits(dtype=torch.float64)[:40]
-    model = BernoulliLatentModel(64, generator=torch.Generator().manual_seed(0)).double()
-    with torch.no_grad():  # loadings large enough that p(z | x_R) is far from the prior
-        model.weight.mul_(25.0)
-    return model, x
+def digits_model():
+    """The Bernoulli latent model fitted to binarised digits by its quadrature LML, and an
+    amortised encoder fitted to it by Trace_ELBO (the model held fixed)."""
+    x = load_binarized_digits()[:24]
+    model = BernoulliLatentModel(64, generator=torch.Generator().manual_seed(0))
+    fit(model, x, objective="exact", steps=150, lr=0.05, progress=False, track=None)
+    encoder = BernoulliLatentGuide(64)
+    fixed = poutine.block(model, hide_types=["param"])
+    fit_svi(fixed, encoder, Trace_ELBO(), x, steps=300, lr=0.05, progress=False)
+    return model, encoder, x
 
 
-def shifted_encoder():
-    """An encoder that is not the prior: biased and too narrow, so that importance weights are
-    needed (dropping them moves the estimate by far more than the tolerance below)."""
-    guide = BernoulliLatentGuide(64).double()
+def wrong_encoder(encoder):
+    """The fitted encoder, shifted by 0.7 and widened (scale x ~2): a proposal that is neither
+    the prior nor p(z | x_R), so the weights p(z) p(x_R | z) / q(z | x_R) matter."""
+    wrong = BernoulliLatentGuide(64)
+    wrong.load_state_dict(encoder.state_dict())
     with torch.no_grad():
-        guide.loc_bias.fill_(0.7)
-        guide.scale_bias.fill_(-0.5)  # softplus(-0.5) = 0.47
-    return guide
+        wrong.loc_bias.add_(0.7)
+        wrong.scale_bias.add_(0.7)
+    return wrong
 
 
-@pytest.mark.parametrize("proposal", ["prior", "guide"])
-def test_snis_conditionals_match_quadrature_with_a_proposal_that_is_not_the_prior(
-    bernoulli, proposal
-):
-    model, x = bernoulli
-    guide = shifted_encoder()
-    rate, num_masks = 0.25, 4
-    draw = FixedRate(rate).sample(64, x.shape[:1], num_masks, torch.Generator().manual_seed(3),
-                                  dtype=torch.float64)
+def error_per_masked_dimension(draw, estimate, model, x):
+    """Mean |SNIS - quadrature| per masked dimension in 8 bins of mask sizes (1-8, ..., 57-64),
+    from masked sums (S = 64 sizes, N) of Stratified(1) masks."""
     with torch.no_grad():
         exact = torch.stack([model.conditional_log_prob(x, mask) for mask in draw.masks])
-    per_dimension = draw.masks.sum().item() * 64 / 16 / num_masks  # weight D/m per mask
-    expected = -(draw.weighted_sums(exact).sum().item())
-    elbo = MaskedPretrainingELBO(masks=FixedRate(rate), num_masks=num_masks, proposal=proposal,
+    sizes = draw.masks.sum(-1)
+    error = (estimate - exact.sum(-1)).abs() / sizes
+    return error.reshape(8, 8, -1).mean((1, 2))
+
+
+def test_snis_conditionals_match_quadrature_against_the_posterior_given_the_visible_pixels(
+    digits_model,
+):
+    """At the default K (256), with an amortised encoder that is not the prior, the guide-proposal
+    conditionals agree with quadrature against p(z | x_R) within 0.02 nats per masked dimension
+    at every mask size (measured: worst bin 0.011). Without the importance correction p(z) / q(z)
+    they do not: the same check on the ELBO with the correction removed measured 0.088 at sizes
+    57-64 (uniform weights: 0.38), and the test's own uncorrected estimate below 0.083."""
+    model, encoder, x = digits_model
+    proposal = wrong_encoder(encoder)
+    elbo = MaskedPretrainingELBO(masks=Stratified(1), proposal="guide",
                                  generator=torch.Generator().manual_seed(3))
-    loss = elbo.loss(model, guide, x)
-    assert abs(loss - expected) / per_dimension < 0.02
-    if proposal == "guide":
-        # Without the importance correction (weights p(z) p(x_R | z) / q(z)) it is far off.
-        uncorrected = MaskedPretrainingELBO(masks=FixedRate(rate), num_masks=num_masks,
-                                            num_importance_samples=1, proposal="guide",
-                                            generator=torch.Generator().manual_seed(3))
-        losses = [uncorrected.loss(model, guide, x) for _ in range(8)]
-        assert abs(sum(losses) / 8 - expected) / per_dimension > 0.1
+    pyro.set_rng_seed(0)
+    with torch.no_grad():
+        elbo.loss(model, proposal, x)
+    draw, estimate = elbo.masked_sums["x"]
+    by_size = error_per_masked_dimension(draw, estimate, model, x)
+    assert by_size.max() < 0.02, by_size
+    # Without the importance correction (weights p(x_R | z_k), z_k ~ q(z | x_R)) the test fails.
+    num = elbo.num_importance_samples
+    with torch.no_grad(), masked_observations({"x": draw.masks}, {"x": x}):
+        loc, scale = proposal.encode(x)  # (S, N, L): what the guide sees of each masked row
+        z = loc + scale * torch.randn(num, *loc.shape, generator=torch.Generator().manual_seed(1))
+        log_lik = dist.Bernoulli(logits=model.logits(z)).log_prob(x).movedim(0, 1)
+        uncorrected = snis_conditional_log_prob(log_lik, draw.masks).sum(-1)
+    assert error_per_masked_dimension(draw, uncorrected, model, x).max() > 0.04
 
 
 def test_wake_phi_trains_a_guide_proposal_towards_the_posterior():

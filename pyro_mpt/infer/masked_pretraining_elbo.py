@@ -271,6 +271,10 @@ class MaskedPretrainingELBO(ELBO):
         #: Effective sample size of the importance weights per site, ``(S, *batch)``, from the
         #: last call (sites with local latents only).
         self.effective_sample_size: dict[str, torch.Tensor] = {}
+        #: Per site, the masks of the last call and the masked sums of conditionals
+        #: :math:`\sum_{j \in M_s} \log \hat p(x_j \mid x_{R_s})`, ``(S, *batch)`` (sites whose
+        #: estimate is the plain log-likelihood have none).
+        self.masked_sums: dict[str, tuple[MaskSample, torch.Tensor]] = {}
         self._warned_unused_guide = False
         self._warned_ess = False
 
@@ -452,7 +456,7 @@ class MaskedPretrainingELBO(ELBO):
             batch_shape = torch.broadcast_shapes(value.shape[:-1], fn.batch_shape)
             draw = self._draw(value.shape[-1], batch_shape, value)
             conditionals = masked_conditional_log_prob(fn, value, draw.masks)  # zero where unmasked
-            return draw.weighted_sums(conditionals.sum(-1), summed=True).sum(0)
+            return self._estimate(name, draw, conditionals.sum(-1))
         if not is_factorised(fn):
             raise TypeError(
                 f"observed site '{name}' has an unsupported distribution {type(fn).__name__}; "
@@ -463,7 +467,8 @@ class MaskedPretrainingELBO(ELBO):
             return fn.log_prob(value)
         per_dim = per_dimension_log_prob(fn, value)
         draw = self._draw(per_dim.shape[-1], per_dim.shape[:-1], per_dim)
-        return draw.weighted_sums(per_dim).sum(0)
+        masked = torch.where(draw.masks, per_dim, torch.zeros_like(per_dim)).sum(-1)
+        return self._estimate(name, draw, masked)
 
     def _prior_particles(self, model, args, kwargs, full_model_trace, all_local, nesting):
         """The model re-run with K prior particles of every local latent, in one trace."""
@@ -527,7 +532,7 @@ class MaskedPretrainingELBO(ELBO):
         log_w = importance_log_weights(log_lik, draw.masks, log_weights)
         self._record_ess(name, log_w)
         conditionals = weighted_conditional_log_prob(log_w, log_lik, draw.masks)
-        return draw.weighted_sums(conditionals.sum(-1), summed=True).sum(0)
+        return self._estimate(name, draw, conditionals.sum(-1))
 
     def _trace_at(self, model, args, kwargs, full_model_trace, integrated, nesting, batch_shape,
                   latents):
@@ -547,6 +552,13 @@ class MaskedPretrainingELBO(ELBO):
         ):
             conditioned = poutine.condition(poutine.replay(model, trace=replay), data=values)
             return poutine.trace(conditioned).get_trace(*args, **kwargs)
+
+    def _estimate(self, name: str, draw: MaskSample, masked_sums: torch.Tensor) -> torch.Tensor:
+        """The scheme's estimate per row from the masked sums ``(S, *batch)`` of a site; the draw
+        and the sums are kept in :attr:`masked_sums` (what :mod:`pyro_mpt.evaluate` needs for a
+        standard error)."""
+        self.masked_sums[name] = (draw, masked_sums.detach())
+        return draw.weighted_sums(masked_sums, summed=True).sum(0)
 
     def _record_ess(self, name: str, log_weights: torch.Tensor) -> None:
         ess = effective_sample_size(log_weights).detach()
@@ -629,7 +641,7 @@ class MaskedPretrainingELBO(ELBO):
         # Reweighted wake-sleep, wake-phi: sum_k wbar_k log q(z_k | x_R) with detached weights,
         # the SNIS estimate of -KL(p(z | x_R) || q(z | x_R)) up to a constant (per mask and row).
         wake = (log_w.detach().exp() * log_q).sum((0, 1))
-        return draw.weighted_sums(conditionals.sum(-1), summed=True).sum(0), wake
+        return self._estimate(name, draw, conditionals.sum(-1)), wake
 
     # ------------------------------------------------------------------------------ estimators
     def _differentiable_loss_particle(self, model_trace, guide_trace, local):
