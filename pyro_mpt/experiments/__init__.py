@@ -28,6 +28,10 @@ EXPERIMENTS = {
         "pyro_mpt.experiments.mlm",
         "E4: masked LM trained from scratch vs untrained, MPT curve over masking rates",
     ),
+    "evidence": (
+        "pyro_mpt.experiments.evidence",
+        "evidence of a latent-variable model: MPT through SNIS vs importance sampling",
+    ),
     "selection": (
         "pyro_mpt.experiments.selection",
         "E6: GP hyperparameters by LML, CLML (split, masked) and LOO; test NLL and RMSE",
