@@ -113,10 +113,10 @@ def test_binary_mpt_loss_with_all_masks_is_the_lml():
 def test_binary_smoke(tmp_path):
     run = importlib.import_module("pyro_mpt.experiments.binary").run
     run(tmp_path, num_data=15, epochs=3, num_seeds=2, train_grid=9, eval_grid=21,
-        check_grids=(31,), check_epochs=3, num_importance_samples=4, track_every=1,
+        check_grids=(31,), num_importance_samples=4, track_every=1,
         progress=False)
     saved, markdown = read(tmp_path)
-    assert [len(row["final_lml_per_seed"]) for row in saved["rows"]] == [2] * 5
+    assert [len(row["final_lml_per_seed"]) for row in saved["rows"]] == [2] * 6
     assert "| ELBO |" in markdown and "| cumulative MPT, SNIS, learned proposal |" in markdown
-    assert set(saved["reference_check"]) == {"grids", "longer", "longer_epochs"}
+    assert set(saved["reference_check"]) == {"grids", "restart_gain"}
     assert (tmp_path / "training.png").exists()
