@@ -190,7 +190,9 @@ def generate_api() -> None:
 
 
 # E1-E6 in the paper's order (the experiments' names in ``pyro-mpt reproduce``), then the rest.
-RESULTS_ORDER = ["convergence", "area", "training", "mlm", "binary", "selection", "arviz"]
+RESULTS_ORDER = [
+    "convergence", "area", "training", "mlm", "binary", "selection", "arviz", "evidence",
+]
 
 
 def generate_results() -> None:
