@@ -29,7 +29,9 @@ def latent_ppca():
     marginal = dist.LowRankMultivariateNormal(
         torch.zeros(D, dtype=torch.float64), true_w, torch.full((D,), 0.09, dtype=torch.float64)
     )
-    x = marginal.sample((N,))
+    with torch.random.fork_rng():  # module-scoped: created before conftest's per-test seeding
+        torch.manual_seed(0)
+        x = marginal.sample((N,))
     w = (true_w + 0.2 * torch.randn(D, L, generator=g, dtype=torch.float64)).requires_grad_()
     log_noise = torch.tensor(math.log(0.3), dtype=torch.float64, requires_grad=True)
 
@@ -48,7 +50,9 @@ def latent_ppca():
 
 
 def test_default_settings_estimate_the_lml_of_latent_ppca(latent_ppca):
-    """Prior particles alone (adapt_steps=0, K = 256) were off by +0.78 nats per row here."""
+    """Default settings: off by -0.008 nats per row on average (s.d. 0.009 for the mean of 4
+    draws, 12 seeds). Prior particles alone (adapt_steps=0, K = 256) were off by 0.25-1.46 nats
+    per row here (16 seeds, median 1.2): heavy-tailed, hence two draws below."""
     model, x, exact_loss, _ = latent_ppca
     exact = exact_loss().item()
     # Exhaustive masks: no mask noise, so what remains is the importance-sampling error.
@@ -58,11 +62,13 @@ def test_default_settings_estimate_the_lml_of_latent_ppca(latent_ppca):
     prior_only = MaskedPretrainingELBO(masks=Exhaustive(), adapt_steps=0)
     with pytest.warns(UserWarning, match="collapsed"):
         biased = prior_only.loss(model, lambda x: None, x)
+    biased = (biased + prior_only.loss(model, lambda x: None, x)) / 2  # heavy-tailed: two draws
     assert (biased - exact) / N > 0.3  # what the adaptation fixes: the test can see it
 
 
 def test_expected_gradient_aligns_with_the_exact_lml_gradient(latent_ppca):
-    """Prior particles alone: cosine 0.87 and dLoss/dlog(sigma) -80 where the exact is -1.4."""
+    """Measured: cosine 0.999; prior particles alone: cosine 0.971 and dLoss/dlog(sigma) -446
+    where the exact is -306."""
     model, x, exact_loss, params = latent_ppca
     exact = torch.cat([g.flatten() for g in torch.autograd.grad(exact_loss(), params)])
     elbo = MaskedPretrainingELBO(generator=torch.Generator().manual_seed(0))
