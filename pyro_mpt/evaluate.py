@@ -35,6 +35,13 @@ observations are one draw of the GP, so every column is a total over the n point
   :math:`\sqrt{se_a^2 + se_b^2}` (``clml_dse_unpaired``); the LOO ``dse`` is arviz's
   :math:`\sqrt{n\,\mathrm{Var}_i(\mathrm{elpd}^a_i - \mathrm{elpd}^b_i)}`.
 
+**Pyro models with local latents** (a VAE, the Bernoulli latent model; no hand-written
+conditionals needed): :func:`mpt_log_marginal` is the masked pre-training estimate of
+:math:`\log p(x_n)` per row ± s.e. through :class:`~pyro_mpt.infer.MaskedPretrainingELBO`'s own
+self-normalised importance sampling, :func:`importance_log_marginal` plain importance sampling
+with the guide as proposal; for the evidence itself use the latter
+(:mod:`pyro_mpt.infer.evidence` says why, with measurements).
+
 **Pyro models with guides** (:class:`PyroModel`, :func:`evaluate_pyro_models`): the same columns
 and differences for the N observations of one observed site, plus the ELBO of the guide, with
 exact LML from the model's ``log_marginal`` and exact LOO, CLML and MPT from a Gaussian observed

@@ -12,14 +12,16 @@ r"""Per-row evidence :math:`\log p(x_n)` of Pyro models with local latents, by t
   :class:`pyro.infer.Importance` computes, vectorised over the particles) split into its rows.
 
 Which to use when. For the **evidence** of a latent-variable model, importance sampling with a
-fitted encoder: it needs one pass over :math:`K` particles, its bias is
-:math:`-\mathrm{Var}/(2K)` (a lower bound in expectation) and it shrinks with :math:`K`. The
-masked estimate adds the variance of the mask sizes and, per mask, the :math:`O(1/K)` bias of a
-ratio of two importance-sampling estimates, and costs :math:`K` particles per mask; measured on
-the Bernoulli latent model (``pyro-mpt reproduce evidence``) it needs orders of magnitude more
-time for the same error. Use the masked estimate where the masked predictions are the object:
-to check what MPT training optimises, to score the masked-prediction curve
-(:math:`S(x; m)` per mask size, e.g. the fixed-rate scores), or where no encoder of
+fitted encoder: it needs one pass over :math:`K` particles, and its bias,
+:math:`\approx -\mathrm{Var}(w / p(x)) / (2K)` (a lower bound in expectation), shrinks with
+:math:`K`. The masked estimate adds the variance of the mask sizes and, per mask, the
+:math:`O(1/K)` bias of a ratio of two importance-sampling estimates, and costs :math:`K`
+particles per mask. Measured on the Bernoulli latent model (``pyro-mpt reproduce evidence``: 200
+binarised digits, one learned encoder as both proposals): importance sampling reached 0.020 nats
+per datum RMSE in 0.9 s, the best masked estimate 0.77 in 1.7 s, and that error is the masks'
+alone (exact conditionals on the same masks: 0.77). Use the masked estimate where the masked
+predictions are the object: to check what MPT training optimises, to score the masked-prediction
+curve (:math:`S(x; m)` per mask size, e.g. the fixed-rate scores), or where no encoder of
 :math:`p(z \mid x)` exists but conditionals do (Gaussian sites: exact, no particles).
 """
 
