@@ -54,7 +54,8 @@ def test_masked_estimate_with_importance_sampled_conditionals_matches_quadrature
     bernoulli, proposal
 ):
     """The same masks scored through SNIS (encoder or adapted prior, K = 256) and by quadrature
-    (evaluate_model): per datum within 0.1 nats, and both within their errors of the LML."""
+    (evaluate_model): per datum within 0.1 nats (measured 0.045 and 0.003), and within their
+    errors of the LML (the masks' standard error per datum is 0.11 here)."""
     model, encoder, x, truth = bernoulli
     guide = encoder if proposal == "guide" else None
     snis = mpt_log_marginal(model, guide, (x,), seed=3)
