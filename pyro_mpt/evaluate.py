@@ -41,7 +41,13 @@ values of one observed site, plus the ELBO of the guide; ``lml`` is exact (the m
 ``log_marginal``, or a model without latents), the MPT estimate (local latents only: masks per
 row, importance-sampled conditionals) or importance-sampled with the guide (global latents), and
 ``lml_method`` says which; see :mod:`pyro_mpt.evaluate_pyro` for every column's estimator.
-MEASURED
+Paired standard errors of differences, measured (4 masks per size, seed 0): scikit-learn's
+diabetes data (n = 442), Bayesian linear regression on 3 features against all 10 (type-II ML
+hyperparameters, collapsed): CLML 0.25 paired against 1.04 unpaired, MPT 0.31 against 1.08, LOO
+5.1 against 18.8; latent PPCA on 40 rows of D = 6 (local latents, no ``log_marginal``), K = 2
+against K = 3: MPT (the LML column) 0.64 against 4.5, CLML 0.21 against 0.99. Importance
+sampling and the ELBO gain from common draws only when the guides' noise is shared: for guides
+over different weight vectors paired and unpaired errors are about equal (0.087 against 0.085).
 """
 
 from __future__ import annotations
