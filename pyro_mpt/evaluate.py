@@ -379,7 +379,7 @@ def evaluate_gps(
     (exact, also ``exact_lml``), ``clml`` ± ``clml_se``, ``elpd_loo`` ± ``elpd_loo_se``,
     ``pseudo_ll``, and for each of ``lml``, ``clml``, ``elpd_loo`` the difference to the best
     model ``*_diff`` with its standard error ``*_dse`` (``*_dse_unpaired`` for comparison;
-    :mod:`pyro_mpt._scores`). Rows are ordered as given; ``rank`` is the position by
+    ``pyro_mpt._scores``). Rows are ordered as given; ``rank`` is the position by
     ``elpd_loo`` (as ``arviz_stats.compare``).
 
     Args:

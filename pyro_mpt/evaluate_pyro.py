@@ -17,23 +17,21 @@ values and C the others (a fraction c **conditioned on**, Lotfi et al.'s c = 0.9
 depends on the latents (a latent is *local* when it sits in every plate of the observed rows,
 :func:`pyro_mpt.infer.sites.local_latents`; every other latent is *global*):
 
-================================  ============================  ===============================
-model                              LML / MPT                     CLML
-================================  ============================  ===============================
-no latents                         exact (``log_prob``);         exact conditionals (Gaussian)
-                                   MPT: stratified masks         or marginals, on common masks
-local latents only (rows)          the model's ``log_marginal``  SNIS conditionals given the
-                                   if it has one (``exact``),    visible entries of each row
-                                   else MPT: stratified masks    (adaptive importance sampling
-                                   per row, SNIS conditionals    of :class:`~pyro_mpt.infer.
-                                   (``mpt``)                     MaskedPretrainingELBO`)
-global latents, with a guide       ``log_marginal`` if any,      SNIS over guide draws
-                                   else importance sampling      :math:`\theta_s \sim q`,
-                                   with the guide                weights :math:`p(\theta_s)
-                                   (``importance``); no MPT      p(\mathbf y_C \mid \theta_s) /
-                                                                 q(\theta_s)` (``snis``)
-global and local latents           ``log_marginal`` if any       not estimated
-================================  ============================  ===============================
+* **no latents**: LML and ELBO exact (the site's log-density); MPT and CLML on the common
+  masks with exact conditionals (a Gaussian site) or the marginals (independent values);
+* **local latents only** (rows independent given the parameters): LML from the model's own
+  ``log_marginal`` when it has one (``exact``), else the MPT estimate (``mpt``): stratified masks
+  per row, each conditional :math:`p(x_j \mid x_R)` by self-normalised importance sampling
+  (SNIS) with the adaptive proposals of :class:`~pyro_mpt.infer.MaskedPretrainingELBO`
+  (:meth:`~pyro_mpt.infer.MaskedPretrainingELBO.site_estimates`); CLML by the same SNIS on the
+  common masks (``snis``); the ELBO from guide draws when a guide is given;
+* **global latents** :math:`\theta` **with a guide** q: LML from ``log_marginal`` when there is
+  one, else by importance sampling, :math:`\log \frac1S \sum_s p(\mathbf y, \theta_s) /
+  q(\theta_s)`, :math:`\theta_s \sim q` (``importance``, delta-method standard error); CLML by
+  SNIS over the same draws, weights :math:`p(\theta_s)\, p(\mathbf y_C \mid \theta_s) /
+  q(\theta_s)` (``snis``); the ELBO as the mean of :math:`\log p(\mathbf y, \theta_s) - \log
+  q(\theta_s)`; no MPT;
+* **global and local latents**: LML from ``log_marginal`` only; ELBO and PSIS-LOO from the guide.
 
 MPT is not estimated for global latents: a guide fitted to :math:`p(\theta \mid \mathbf y)` is no
 proposal for :math:`p(\theta \mid \mathbf y_R)` when most of :math:`\mathbf y` is masked (the
@@ -53,7 +51,7 @@ guide not being the posterior (``arviz_stats.loo_approximate_posterior``, ``psis
 **Common random numbers.** Every model is scored on the same CLML masks (drawn once over the n
 values and laid out on each model's rows), the same keyed MPT masks and importance particles
 (``MaskedPretrainingELBO(seed=...)``) and guide draws from the same seed, so the difference of
-two models has a paired standard error (:mod:`pyro_mpt._scores`).
+two models has a paired standard error (``pyro_mpt._scores``).
 
 References:
     S. Lotfi, P. Izmailov, G. Benton, M. Goldblum, A. G. Wilson, "Bayesian Model Selection, the
