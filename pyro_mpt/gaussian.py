@@ -295,11 +295,11 @@ class _LowRankConditionals(torch.autograd.Function):
         grad_visible_precision = (
             0.5 * (grad_precision.flatten(-2) @ outer.mT) + residual * back_projected
         )
-        # d/dW: rows' K x K weights contracted with w_d, from P and from the variances, in one
-        # product; then b's and the deviations' outer products.
-        weights = torch.cat([visible_precision, 2 * grad_var], 0).mT @ torch.cat(
-            [grad_precision, latent_cov], 0
-        ).flatten(-2)  # (D, K^2)
+        # d/dW: rows' K x K weights contracted with w_d, from P and from the variances; then
+        # b's and the deviations' outer products.
+        weights = visible_precision.mT @ grad_precision.flatten(-2) + (
+            2 * grad_var
+        ).mT @ latent_cov.flatten(-2)  # (D, K^2)
         grad_factor = weights.unflatten(-1, latent_cov.shape[-2:]) @ cov_factor.unsqueeze(-1)
         grad_factor = grad_factor.squeeze(-1) + (visible_precision * residual).mT @ grad_projected
         grad_factor = grad_factor - grad_deviation.mT @ latent_mean
@@ -494,6 +494,12 @@ def batch_shape_of(dist, value: torch.Tensor) -> torch.Size:
         ) from error
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry is finite: one sum (finite only if every term is), and the
+    elementwise test only when that sum is not (overflow)."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def _check_value(value, size: int) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"value must be a torch.Tensor, got {type(value).__name__}")
@@ -502,7 +508,7 @@ def _check_value(value, size: int) -> None:
             f"value must have trailing dimension D={size} (the distribution's event size), "
             f"got shape {tuple(value.shape)}"
         )
-    if not bool(torch.isfinite(value).all()):
+    if not _all_finite(value):
         raise ValueError("value contains NaN or infinite entries")
 
 
