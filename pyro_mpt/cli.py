@@ -18,6 +18,8 @@ import torch
 from . import __version__
 from .experiments import EXPERIMENTS
 
+__all__ = ["main"]
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 # numpy's global seed (set by pyro.set_rng_seed in the experiments) must lie in [0, 2**32), and runs

@@ -36,7 +36,7 @@ from ..masks import Cumulative, FixedRate, MaskScheme
 from ..models import PPCA
 from ..plots import plot_training_curves
 from ..scoring import mpt_score
-from ..training import fit
+from ..training import minimize
 from ._report import Timer, markdown_table, single_threaded, write_results
 
 __all__ = ["run", "closed_form_loading"]
@@ -80,7 +80,7 @@ def _train(model: PPCA, data, masks, steps, lr, generator, track_every, progress
 
     # Only W is learned: the noise stays at its true value, as in the paper.
     loading = [p for name, p in model.named_parameters() if name.startswith("cov_factor")]
-    return fit(
+    return minimize(
         loss, loading, steps=steps, lr=lr,
         track=lambda: model.log_marginal(data).mean(),
         track_every=track_every, progress=progress, desc=desc,
