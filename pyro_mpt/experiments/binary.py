@@ -38,7 +38,7 @@ from ..masks import Cumulative, FixedRate, MaskScheme
 from ..models import BernoulliLatentGuide, BernoulliLatentModel, fit
 from ..plots import plot_training_curves
 from ..training import FitResult, minimize
-from ._report import Timer, markdown_table, single_threaded, write_results
+from ._report import Timer, markdown_table, single_threaded, timing_line, write_results
 
 __all__ = ["run", "mpt_loss"]
 
@@ -228,7 +228,6 @@ def format_markdown(results: dict) -> str:
             "",
             "![training](training.png)",
             "",
-            f"Wall time {results['wall_time_s']:.0f} s (torch {results['environment']['torch']}, "
-            f"{results['environment']['threads']} thread(s)).",
+            timing_line(results),
         ]
     )

@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..gp import ConditionalMarginalLogLikelihood
-from ._report import Timer, markdown_table, single_threaded, write_results
+from ._report import Timer, markdown_table, single_threaded, timing_line, write_results
 
 __all__ = ["run", "load_data", "OBJECTIVES", "MODELS", "DATASETS"]
 
@@ -347,7 +347,6 @@ def format_markdown(results: dict) -> str:
             variance_rows,
         ),
         "",
-        f"Wall time {results['wall_time_s']:.0f} s (torch {results['environment']['torch']}, "
-        f"{results['environment']['threads']} thread(s)).",
+        timing_line(results),
     ]
     return "\n".join(lines)

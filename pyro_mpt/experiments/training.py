@@ -37,7 +37,7 @@ from ..models import PPCA
 from ..plots import plot_training_curves
 from ..scoring import mpt_score
 from ..training import minimize
-from ._report import Timer, markdown_table, single_threaded, write_results
+from ._report import Timer, markdown_table, single_threaded, timing_line, write_results
 
 __all__ = ["run", "closed_form_loading"]
 
@@ -245,7 +245,6 @@ def format_markdown(results: dict) -> str:
             "",
             "![training](training.png)",
             "",
-            f"Wall time {results['wall_time_s']:.0f} s (torch {results['environment']['torch']}, "
-            f"{results['environment']['threads']} thread(s)).",
+            timing_line(results),
         ]
     )
