@@ -20,6 +20,9 @@ the LML over :math:`W` is in closed form (Tipping & Bishop, 1999): with :math:`S
 
 Reference: Moreno-Muñoz, Recasens, Hauberg, "On Masked Pre-training and the Marginal Likelihood",
 NeurIPS 2023, Fig. 4.
+
+The module is named after the experiment (``pyro-mpt reproduce training``); the optimisation loop
+it runs is :func:`pyro_mpt.training.minimize`.
 """
 
 from __future__ import annotations
