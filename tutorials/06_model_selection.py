@@ -70,7 +70,7 @@ class GP(gpytorch.models.ExactGP):
         return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
 
 
-def fit(kernel, objective="LML", steps=60, seed=0):
+def train_gp(kernel, objective="LML", steps=60, seed=0):
     likelihood = gpytorch.likelihoods.GaussianLikelihood()
     model = GP(train_x, train_y, likelihood, kernel)
     if objective == "LML":
@@ -108,7 +108,7 @@ def test_nll(model):
 
 # %%
 for objective in ("LML", "split", "masked"):
-    model = fit(gpytorch.kernels.RBFKernel(ard_num_dims=10), objective)
+    model = train_gp(gpytorch.kernels.RBFKernel(ard_num_dims=10), objective)
     print(f"{objective:7s} test NLL {test_nll(model):.3f}")
 
 # %% [markdown]
@@ -118,7 +118,7 @@ for objective in ("LML", "split", "masked"):
 # masked one scores every masked point, the split one only one per mask.
 
 # %%
-model = fit(gpytorch.kernels.RBFKernel(ard_num_dims=10))
+model = train_gp(gpytorch.kernels.RBFKernel(ard_num_dims=10))
 with torch.no_grad():
     for estimator in ("split", "masked"):
         clml = ConditionalMarginalLogLikelihood(
@@ -137,8 +137,8 @@ with torch.no_grad():
 # %%
 models = {
     "ARD RBF": model,
-    "RBF": fit(gpytorch.kernels.RBFKernel()),
-    "linear": fit(gpytorch.kernels.LinearKernel()),
+    "RBF": train_gp(gpytorch.kernels.RBFKernel()),
+    "linear": train_gp(gpytorch.kernels.LinearKernel()),
 }
 rows = compare_models(models, num_masks=4, generator=torch.Generator().manual_seed(0))
 print(format_table(rows))

@@ -6,8 +6,11 @@ Each experiment is a module ``pyro_mpt.experiments.NAME`` with a function
 them by name through :data:`EXPERIMENTS`.
 """
 
+__all__ = ["EXPERIMENTS"]
+
+#: Experiment name (as in ``pyro-mpt reproduce NAME``) -> (module, one-line description), in the
+#: paper's order E1-E6. The CLI imports a module only when its experiment runs.
 EXPERIMENTS = {
-    # name -> (module, one-line description); modules are imported lazily by the CLI.
     "convergence": (
         "pyro_mpt.experiments.convergence",
         "E1: |LML - cumulative MPT| per datum against masks per size, PPCA, D = 5 and 50",
@@ -20,13 +23,13 @@ EXPERIMENTS = {
         "pyro_mpt.experiments.training",
         "E3: PPCA W trained by cumulative vs fixed 20%/80% MPT; exact LML per epoch",
     ),
-    "binary": (
-        "pyro_mpt.experiments.binary",
-        "E5: Bernoulli latent model on binarised digits, ELBO vs cumulative vs 15% MPT",
-    ),
     "mlm": (
         "pyro_mpt.experiments.mlm",
         "E4: masked LM trained from scratch vs untrained, MPT curve over masking rates",
+    ),
+    "binary": (
+        "pyro_mpt.experiments.binary",
+        "E5: Bernoulli latent model on binarised digits, ELBO vs cumulative vs 15% MPT",
     ),
     "selection": (
         "pyro_mpt.experiments.selection",

@@ -35,11 +35,10 @@ from tqdm.auto import tqdm
 
 from ..datasets import load_binarized_digits
 from ..masks import Cumulative, FixedRate, MaskScheme
-from ..models import BernoulliLatentGuide, BernoulliLatentModel
-from ..models.fitting import fit as fit_model
+from ..models import BernoulliLatentGuide, BernoulliLatentModel, fit
 from ..plots import plot_training_curves
-from ..training import FitResult, fit
-from ._report import Timer, markdown_table, single_threaded, write_results
+from ..training import FitResult, minimize
+from ._report import Timer, markdown_table, single_threaded, timing_line, write_results
 
 __all__ = ["run", "mpt_loss"]
 
@@ -131,7 +130,7 @@ def _run(
 
             desc = f"{name} (seed {run_seed})"
             if masks == "exact":
-                history = fit(
+                history = minimize(
                     lambda model=model, data=data: -model.log_marginal(
                         data, grid_size=train_grid
                     ).mean(),
@@ -139,14 +138,14 @@ def _run(
                     track_every=track_every, progress=progress, desc=desc,
                 )
             elif masks == "elbo":
-                history = fit_model(
+                history = fit(
                     model, data, objective="elbo", guide=BernoulliLatentGuide(size),
                     steps=epochs, lr=lr, seed=run_seed, track=track, track_every=track_every,
                     progress=progress, desc=desc,
                 )
             else:
                 generator = torch.Generator().manual_seed(run_seed + 1)
-                history = fit(
+                history = minimize(
                     lambda model=model, data=data, masks=masks, generator=generator: mpt_loss(
                         model, data, masks, generator, train_grid
                     ),
@@ -229,7 +228,6 @@ def format_markdown(results: dict) -> str:
             "",
             "![training](training.png)",
             "",
-            f"Wall time {results['wall_time_s']:.0f} s (torch {results['environment']['torch']}, "
-            f"{results['environment']['threads']} thread(s)).",
+            timing_line(results),
         ]
     )
