@@ -166,7 +166,10 @@ class _MaskedGaussianScore(torch.autograd.Function):
                 if precision is None:
                     precision = torch.cholesky_inverse(factor)
                     alpha = torch.cholesky_solve(residual.unsqueeze(-1), factor).squeeze(-1)
-                inverse = torch.cholesky_inverse(_cholesky(_block(precision, masked)))
+                block = _block(precision, masked)
+                # Leave-one-out (m = 1) needs no factorisation: one batched LAPACK call per row
+                # costs more than the division.
+                inverse = block.reciprocal() if m == 1 else torch.cholesky_inverse(_cholesky(block))
                 variance = inverse.diagonal(dim1=-2, dim2=-1)
                 deviation = (inverse @ alpha[masked].unsqueeze(-1)).squeeze(-1)
                 saved = (inverse,)
