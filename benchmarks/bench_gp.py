@@ -8,7 +8,7 @@ n; gpytorch would otherwise switch to CG/Lanczos above n = 800). Ours and the an
 within each repetition, so load on a shared machine hits both alike. The *floor* rows time the
 same arithmetic without GPyTorch's objective machinery: the dense kernel matrix, one Cholesky
 factor (not differentiated) and the masked score with its closed-form backward, on the same
-masks.
+masks, under pyro_mpt's thread limit like the objectives.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from benchmarks.timing import best_time_pair, row
 from pyro_mpt.gp import LeavePOutPseudoLikelihood, MaskedPretrainingMLL
 from pyro_mpt.gp._masked_gaussian_score import masked_gaussian_log_prob_sums
 from pyro_mpt.masks import Cumulative
+from pyro_mpt.threads import limited_threads
 
 CASES = (
     (500, torch.float64),
@@ -54,6 +55,10 @@ def _floor(model, x, y, num_masks):
     gen = torch.Generator().manual_seed(0)
 
     def step():
+        with limited_threads():  # pyro_mpt's thread policy, as in the objectives
+            _floor_step()
+
+    def _floor_step():
         model.zero_grad()
         covariance = model.covar_module(x).to_dense()
         covariance = covariance + model.likelihood.noise * torch.eye(len(x), dtype=x.dtype)

@@ -36,6 +36,7 @@ from pyro_mpt.gaussian import masked_conditional_log_prob
 from pyro_mpt.infer import MaskedPretrainingELBO
 from pyro_mpt.masks import Cumulative
 from pyro_mpt.models import PPCA, BernoulliLatentGuide, BernoulliLatentModel, no_guide
+from pyro_mpt.threads import limited_threads
 
 TARGET_GAP = 1e-3
 
@@ -54,10 +55,11 @@ def _masked_arithmetic(model, x):
     scheme, gen = Cumulative(), torch.Generator().manual_seed(0)
 
     def step():
-        masks = scheme.sample(x.shape[-1], (len(x),), 1, generator=gen)
-        log_prob = masked_conditional_log_prob(model.marginal(), x, masks.masks)
-        (-(masks.weights * log_prob.sum(-1)).sum()).backward()
-        model.zero_grad()
+        with limited_threads():  # pyro_mpt's thread policy, as in the ELBO
+            masks = scheme.sample(x.shape[-1], (len(x),), 1, generator=gen)
+            log_prob = masked_conditional_log_prob(model.marginal(), x, masks.masks)
+            (-(masks.weights * log_prob.sum(-1)).sum()).backward()
+            model.zero_grad()
 
     return step
 
