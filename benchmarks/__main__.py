@@ -1,13 +1,16 @@
 """``python -m benchmarks [name ...]``: run every ``benchmarks/bench_*.py`` (or the named ones).
 
-Each module defines ``run() -> list[dict]`` (rows from :func:`benchmarks.timing.row`). The table is
-printed and written to ``benchmarks/results/<module>.json`` and ``benchmarks/results/README.md``.
+Each module defines ``run() -> list[dict]`` (rows from :func:`benchmarks.timing.row`), run at one
+intra-op thread and at torch's default. Its table is printed and written to
+``benchmarks/results/<module>.json``; ``benchmarks/results/README.md`` is rebuilt from every
+module's latest JSON.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import pkgutil
 import platform
 import sys
@@ -27,11 +30,12 @@ def _value(r: dict, side: str) -> str:
 
 def format_table(rows: list[dict]) -> str:
     header = (
-        "| benchmark | case | threads | ours | anchor | anchor's | ratio |\n"
-        "|---|---|---|---|---|---|---|"
+        "| benchmark | case | threads | load | ours | anchor | anchor's | ratio |\n"
+        "|---|---|---|---|---|---|---|---|"
     )
     lines = [
-        f"| {r['benchmark']} | {r['case']} | {r['threads']} | {_value(r, 'ours')} | {r['anchor']} "
+        f"| {r['benchmark']} | {r['case']} | {r['threads']} | {r.get('load', '')} "
+        f"| {_value(r, 'ours')} | {r['anchor']} "
         f"| {_value(r, 'anchor')} | {r['ratio']} |"
         for r in rows
     ]
@@ -49,27 +53,31 @@ def main(names: list[str]) -> None:
     )
     selected = [n if n.startswith("bench_") else f"bench_{n}" for n in names] or available
     RESULTS.mkdir(exist_ok=True)
-    sections = []
     for name in selected:
         module = importlib.import_module(f"benchmarks.{name}")
         rows = []
         for threads in sorted({1, default_threads}):
             torch.set_num_threads(threads)
-            rows += [{**r, "threads": threads} for r in module.run()]
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+            rows += [{**r, "threads": threads, "load": round(load, 2)} for r in module.run()]
         torch.set_num_threads(default_threads)
-        table = format_table(rows)
-        print(f"\n## {name}\n{table}", flush=True)
+        print(f"\n## {name}\n{format_table(rows)}", flush=True)
         (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
-        sections.append(f"## {name}\n\n{table}\n")
+    # The page shows every module's latest run, so `python -m benchmarks gp` refreshes one section.
+    sections = [
+        f"## {path.stem}\n\n{format_table(json.loads(path.read_text()))}\n"
+        for path in sorted(RESULTS.glob("bench_*.json"))
+    ]
     machine = (
-        f"{platform.processor() or platform.machine()}, default intra-op threads: "
-        f"{default_threads}, torch {torch.__version__}"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, default intra-op "
+        f"threads: {default_threads}, torch {torch.__version__}"
     )
-    if not names:
-        (RESULTS / "README.md").write_text(
-            "# Benchmark results\n\nRatio = our time / the anchor's time on the same work, one run "
-            f"of `make bench` ({machine}).\n\n" + "\n".join(sections)
-        )
+    (RESULTS / "README.md").write_text(
+        "# Benchmark results\n\nRatio = our time / the anchor's time on the same work, timed in "
+        f"the same run ({machine}); `load` is the 1-minute load average when the module's "
+        "rows at that thread count started (other jobs on a shared machine).\n\n"
+        + "\n".join(sections)
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,21 @@ def best_time(fn: Callable[[], object], repeat: int = 5, number: int = 1) -> flo
     return best
 
 
+def best_time_pair(
+    ours: Callable[[], object], anchor: Callable[[], object], repeat: int = 5
+) -> tuple[float, float]:
+    """Best-of-``repeat`` wall times of two functions timed alternately (after one warm-up each),
+    so that load on a shared machine falls on both alike."""
+    ours(), anchor()
+    best = [float("inf"), float("inf")]
+    for _ in range(repeat):
+        for i, fn in enumerate((ours, anchor)):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0], best[1]
+
+
 def count_row(
     benchmark: str, case: str, ours: float, anchor: float, anchor_name: str, unit: str
 ) -> dict:

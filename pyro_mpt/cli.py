@@ -18,6 +18,8 @@ import torch
 from . import __version__
 from .experiments import EXPERIMENTS
 
+__all__ = ["main"]
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 # numpy's global seed (set by pyro.set_rng_seed in the experiments) must lie in [0, 2**32), and runs
@@ -101,6 +103,16 @@ def _output_file(text: str) -> Path:
     return path
 
 
+def _device(text: str) -> str:
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a torch device such as cpu, cuda or cuda:1, got {text!r}"
+        ) from None
+    return text
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -115,8 +127,29 @@ MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 MASK_SCHEMES = ("stratified", "cumulative", "diffusion-time")
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, except where there is none to show: a required
+    option, or a ``None`` default whose meaning the help already states ("default: ...")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or (action.default is None and "default" in (action.help or "")):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _ListFormatter(_Formatter, argparse.RawDescriptionHelpFormatter):
+    """As :class:`_Formatter`, and the epilog keeps its lines (one per experiment)."""
+
+
+def _experiment_list() -> str:
+    width = max(map(len, EXPERIMENTS))
+    lines = [f"  {name:<{width}}  {description}" for name, (_, description) in EXPERIMENTS.items()]
+    lines.append(f"  {'all':<{width}}  every experiment above, in this order")
+    return "experiments:\n" + "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = _Formatter
     parser = argparse.ArgumentParser(
         prog="pyro-mpt",
         description="Train and compare Bayesian models by masked pre-training.",
@@ -143,15 +176,17 @@ def _parser() -> argparse.ArgumentParser:
     # type): a file OUT/demo would otherwise stop the run with a traceback when it saves.
     demo.set_defaults(subparser=demo, folders=lambda args: [args.out / "demo"])
 
-    names = ", ".join(
-        f"{name} ({description.split(':')[0]})" for name, (_, description) in EXPERIMENTS.items()
-    )
-    summary = "reproduce one of the paper's experiments"
+    summary = "reproduce one of the paper's experiments (E1-E6), or all"
     reproduce = commands.add_parser(
-        "reproduce", help=summary, description=summary, formatter_class=formatter
+        "reproduce",
+        help=summary,
+        description=f"{summary}.\nEach writes its figures, results.json and results.md into "
+        "OUT/NAME.",
+        epilog=_experiment_list(),
+        formatter_class=_ListFormatter,
     )
     reproduce.add_argument("name", choices=[*EXPERIMENTS, "all"],
-                           help=f"the experiment: {names}; or all of them")
+                           help="the experiment to run (NAME), one of those listed below")
     reproduce.add_argument("--out", type=_output_folder, default=Path("pyro-mpt-out"),
                            help="output folder; each experiment writes into OUT/NAME")
     reproduce.add_argument("--full", action="store_true", help="the paper's full sizes (slow)")
@@ -191,8 +226,9 @@ def _add_score(commands, formatter) -> None:
                        help="logits at position i predict token i+1 (Dream): shift them back")
     score.add_argument("--dtype", choices=sorted(MODEL_DTYPES), default="float32",
                        help="dtype the model is loaded in")
-    score.add_argument("--device", default=None,
-                       help="device of the model (default: this process's accelerate device)")
+    score.add_argument("--device", type=_device, default=None,
+                       help="device of the model (default: this process's accelerate device, "
+                            "else cuda if there is one, else cpu)")  # fmt: skip
     score.add_argument("--masks", choices=MASK_SCHEMES, default="stratified",
                        help="mask scheme: stratified over size bins, cumulative (uniform size, "
                             "LLaDA's), diffusion-time (t ~ U(0,1), MDLM's)")  # fmt: skip
@@ -203,7 +239,8 @@ def _add_score(commands, formatter) -> None:
                             "mask per stratum)")  # fmt: skip
     score.add_argument("--target-stderr", type=_positive_float, default=None,
                        help="draw masks until the standard error of log p(x) is at most this "
-                            "(nats; per token with --per-token), up to --max-masks")  # fmt: skip
+                            "(nats; per token with --per-token), up to --max-masks (default: no "
+                            "target, --num-masks replicates)")  # fmt: skip
     score.add_argument("--per-token", action="store_true",
                        help="--target-stderr is per scored token")
     score.add_argument("--max-masks", type=_positive_int, default=4096,

@@ -25,7 +25,7 @@ from .masks import Cumulative, FixedRate, MaskScheme
 from .models import PPCA
 from .plots import plot_training_curves
 from .scoring import mpt_score
-from .training import FitResult, fit
+from .training import FitResult, minimize
 
 __all__ = ["run_demo"]
 
@@ -55,7 +55,7 @@ def train(
             return -model.log_marginal(data).mean()
         return -mpt_score(model.marginal(), data, masks, generator=generator, reduction="mean").mean
 
-    return fit(
+    return minimize(
         loss,
         model.parameters(),
         steps=steps,

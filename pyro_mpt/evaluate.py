@@ -35,35 +35,41 @@ observations are one draw of the GP, so every column is a total over the n point
   :math:`\sqrt{se_a^2 + se_b^2}` (``clml_dse_unpaired``); the LOO ``dse`` is arviz's
   :math:`\sqrt{n\,\mathrm{Var}_i(\mathrm{elpd}^a_i - \mathrm{elpd}^b_i)}`.
 
-**Pyro models with local latents** (a VAE, the Bernoulli latent model; no hand-written
-conditionals needed): :func:`mpt_log_marginal` is the masked pre-training estimate of
-:math:`\log p(x_n)` per row ± s.e. through :class:`~pyro_mpt.infer.MaskedPretrainingELBO`'s own
-self-normalised importance sampling, :func:`importance_log_marginal` plain importance sampling
-with the guide as proposal; for the evidence itself use the latter
-(:mod:`pyro_mpt.infer.evidence` says why, with measurements).
+**Evidence per row of Pyro models with local latents** (a VAE, the Bernoulli latent model; no
+hand-written conditionals needed): :func:`mpt_log_marginal` is the masked pre-training estimate
+of :math:`\log p(x_n)` per row ± s.e. from
+:meth:`~pyro_mpt.infer.MaskedPretrainingELBO.site_estimates` (the training path: its
+self-normalised importance sampling, with the guide or the adapted prior as proposal),
+:func:`importance_log_marginal` plain importance sampling with the guide as proposal; for the
+evidence itself use the latter (:mod:`pyro_mpt.infer.evidence` says why, with measurements).
 
-**Pyro models with guides** (:class:`PyroModel`, :func:`evaluate_pyro_models`): the same columns
-and differences for the N observations of one observed site, plus the ELBO of the guide, with
-exact LML from the model's ``log_marginal`` and exact LOO, CLML and MPT from a Gaussian observed
-site, else PSIS-LOO from guide draws (``arviz_stats.loo_approximate_posterior``). Measured on
-scikit-learn's diabetes data (N = 442, Bayesian linear regression on 3 features vs all 10,
-type-II ML hyperparameters, 4 masks per size): the CLML difference has a paired standard error
-of 0.25-0.29 nats against 0.83-1.04 unpaired, the LOO difference 5.1 against 18.8. The ELBO
-gains from common draws only when the guides' noise is shared (same structure): for guides
-over different weight vectors the paired and unpaired errors are about equal.
+**Pyro models** (:class:`~pyro_mpt.evaluate_pyro.PyroModel`,
+:func:`~pyro_mpt.evaluate_pyro.evaluate_pyro_models`): the same columns and differences for the n
+values of one observed site, plus the ELBO of the guide; ``lml`` is exact (the model's
+``log_marginal``, or a model without latents), the MPT estimate (local latents only: masks per
+row, importance-sampled conditionals) or importance-sampled with the guide (global latents), and
+``lml_method`` says which; see :mod:`pyro_mpt.evaluate_pyro` for every column's estimator.
+Paired standard errors of differences, measured (4 masks per size, seed 0): scikit-learn's
+diabetes data (n = 442), Bayesian linear regression on 3 features against all 10 (type-II ML
+hyperparameters, collapsed): CLML 0.25 paired against 1.04 unpaired, MPT 0.31 against 1.08, LOO
+5.1 against 18.8; latent PPCA on 40 rows of D = 6 (local latents, no ``log_marginal``), K = 2
+against K = 3: MPT (the LML column) 0.64 against 4.5, CLML 0.21 against 0.99. Importance
+sampling and the ELBO gain from common draws only when the guides' noise is shared: for guides
+over different weight vectors paired and unpaired errors are about equal (0.087 against 0.085).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
 import torch
 
+from ._scores import Score, add_differences, rank_rows
 from .distributed import gather_rows
+from .evaluate_pyro import PyroModel, as_pyro_model, evaluate_pyro_models
 from .gaussian import event_size, masked_conditional_log_prob, normal_log_prob
 from .infer.evidence import importance_log_marginal, mpt_log_marginal
 from .masks import FixedRate, MaskScheme, MPTEstimate, Stratified, fold_in, size_for_rate
@@ -303,7 +309,7 @@ def compare_models(
     seed = 0 if generator is None else int(generator.initial_seed())
     if all(_is_exact_gp(model) for model in models.values()):
         return evaluate_gps(models, data, condition_fraction, num_masks, seed)
-    if any(_as_pyro_model(model, data) is not None for model in models.values()):
+    if any(as_pyro_model(model, data) is not None for model in models.values()):
         return evaluate_pyro_models(models, data, condition_fraction, num_masks, seed=seed)
     if data is None:
         raise ValueError("data is required unless every model is a gpytorch ExactGP")
@@ -380,11 +386,12 @@ def evaluate_gps(
     r"""Comparison rows for exact GPs on one data set, with standard errors of differences.
 
     Every model is scored on the same masks (one ``torch.Generator`` seeded with ``seed`` per
-    model), so CLML differences are paired. Columns (totals over the n points, nats):
-    ``exact_lml``, ``clml`` ± ``clml_se``, ``elpd_loo`` ± ``elpd_loo_se``, ``pseudo_ll``, and
-    for each of ``exact_lml``, ``clml``, ``elpd_loo`` the difference to the best model
-    ``*_diff`` with its standard error ``*_dse`` (``clml_dse_unpaired`` for comparison). Rows
-    are ordered as given; ``rank`` is the position by ``elpd_loo`` (as ``arviz_stats.compare``).
+    model), so CLML differences are paired. Columns (totals over the n points, nats): ``lml``
+    (exact, also ``exact_lml``), ``clml`` ± ``clml_se``, ``elpd_loo`` ± ``elpd_loo_se``,
+    ``pseudo_ll``, and for each of ``lml``, ``clml``, ``elpd_loo`` the difference to the best
+    model ``*_diff`` with its standard error ``*_dse`` (``*_dse_unpaired`` for comparison;
+    ``pyro_mpt._scores``). Rows are ordered as given; ``rank`` is the position by
+    ``elpd_loo`` (as ``arviz_stats.compare``).
 
     Args:
         models: name -> ``gpytorch.models.ExactGP`` (with its likelihood and training data).
@@ -397,7 +404,7 @@ def evaluate_gps(
 
     if num_masks < 2:
         raise ValueError(f"num_masks must be at least 2 for a standard error, got {num_masks}")
-    rows, draws, pointwise, clml_terms = [], [], {}, {}
+    rows, scores, draws = [], {}, []
     with torch.no_grad(), limited_threads():
         for name, model in models.items():
             output, target = _gp_output(model, data)
@@ -407,374 +414,22 @@ def evaluate_gps(
             )
             draw, terms = clml.contributions(output, target)
             draws.append(draw)
-            estimate = draw.estimate(terms, summed=True)
             elpd_i = gp_pointwise_loo(model, data)
-            n = elpd_i.numel()
-            pointwise[name], clml_terms[name] = elpd_i, terms
-            rows.append({
-                "model": name,
-                "n": n,
-                "exact_lml": model.likelihood(output).log_prob(target).item(),
-                "clml": estimate.mean.item(),
-                "clml_se": estimate.stderr.item(),
-                "clml_held_out": clml.held_out_size(n),
-                "elpd_loo": elpd_i.sum().item(),
-                "elpd_loo_se": (n * elpd_i.var(unbiased=False)).sqrt().item(),
-                "pseudo_ll": elpd_i.sum().item(),
-            })
+            scores[name] = {
+                "lml": Score.exact(model.likelihood(output).log_prob(target)),
+                "clml": Score.from_draw(draw, terms, "exact"),
+                "elpd_loo": Score.from_pointwise(elpd_i, "exact"),
+            }
+            rows.append({"model": name, "n": elpd_i.numel(),
+                         "clml_held_out": clml.held_out_size(elpd_i.numel())})
         if any(not torch.equal(d.masks, draws[0].masks) for d in draws):
             raise ValueError("the GPs do not share their masks: give them the same data size")
-        draw = draws[0]
-        best = {key: max(rows, key=lambda r, key=key: r[key])
-                for key in ("exact_lml", "clml", "elpd_loo")}
+        add_differences(rows, scores, ("lml", "clml", "elpd_loo"))
         for row in rows:
-            name = row["model"]
-            row["exact_lml_diff"] = best["exact_lml"]["exact_lml"] - row["exact_lml"]
-            row["exact_lml_dse"] = 0.0
-            reference = best["clml"]["model"]
-            paired = draw.estimate(clml_terms[reference] - clml_terms[name], summed=True)
-            row["clml_diff"] = paired.mean.item()
-            row["clml_dse"] = paired.stderr.item()
-            row["clml_dse_unpaired"] = (
-                0.0 if name == reference
-                else math.hypot(row["clml_se"], best["clml"]["clml_se"])
-            )
-            difference = pointwise[best["elpd_loo"]["model"]] - pointwise[name]
-            row["elpd_loo_diff"] = difference.sum().item()
-            row["elpd_loo_dse"] = (
-                difference.numel() * difference.var(unbiased=False)
-            ).sqrt().item()
-        order = sorted(rows, key=lambda r: -r["elpd_loo"])
-        for rank, row in enumerate(order):
-            row["rank"] = rank
+            row["exact_lml"], row["pseudo_ll"] = row["lml"], row["elpd_loo"]
+            row["lml_method"] = row["clml_method"] = row["loo_method"] = "exact"
+        rank_rows(rows, ("elpd_loo",))
     return rows
-
-
-class PyroModel(NamedTuple):
-    r"""A fitted Pyro model for :func:`compare_models`: the model, its guide and its arguments.
-
-    Attributes:
-        model: a Pyro model with **one** observed site whose value (through ``args``/``kwargs``)
-            is the data; its observations are the entries of that site (batch and event
-            dimensions together, e.g. the N targets of a regression observed as one event).
-        guide: the fitted guide (an autoguide or a function with the model's latent sites), or
-            ``None`` for a model without latent sites (e.g. a collapsed Gaussian model).
-        args, kwargs: the model's (and guide's) arguments, including the data. Different models
-            may take different inputs (feature subsets) but must observe the same values.
-
-    Example:
-        >>> import pyro, pyro.distributions as dist
-        >>> def model(y):
-        ...     pyro.sample("y", dist.Normal(torch.zeros(len(y)), 1.0).to_event(1), obs=y)
-        >>> PyroModel(model, args=(torch.zeros(3),)).guide is None
-        True
-    """
-
-    model: Callable
-    guide: Callable | None = None
-    args: tuple = ()
-    kwargs: Mapping[str, Any] = {}
-
-
-def _as_pyro_model(entry: Any, data: Any) -> PyroModel | None:
-    """``entry`` as a :class:`PyroModel` (``data``: default arguments); None if not Pyro."""
-    if isinstance(entry, PyroModel):
-        return entry if entry.args or data is None else entry._replace(args=_as_args(data))
-    if isinstance(entry, tuple) and 2 <= len(entry) <= 4 and callable(entry[0]) and not (
-        isinstance(entry[0], torch.distributions.Distribution)
-    ):
-        model, guide, *rest = entry
-        args = tuple(rest[0]) if rest else (_as_args(data) if data is not None else ())
-        return PyroModel(model, guide, args, dict(rest[1]) if len(rest) > 1 else {})
-    return None
-
-
-def _as_args(data: Any) -> tuple:
-    return tuple(data) if isinstance(data, (tuple, list)) else (data,)
-
-
-class _PyroScores(NamedTuple):
-    """What :func:`evaluate_pyro_models` computed for one model before the differences."""
-
-    row: dict[str, Any]
-    values: torch.Tensor  # the observed values, flattened (N,)
-    marginal: Any  # the Gaussian marginal of the observations, or None
-    elbo: torch.Tensor | None  # per draw
-    pointwise_loo: torch.Tensor | None  # (N,)
-
-
-def _observed_site(trace, name: str) -> dict:
-    from .inference_data import _is_observed
-
-    sites = [site for site in trace.nodes.values() if _is_observed(site)]
-    if len(sites) != 1:
-        found = [site["name"] for site in sites]
-        raise ValueError(f"model {name!r} must have exactly one observed site, found {found}")
-    site = sites[0]
-    if site["mask"] is not None:
-        raise ValueError(f"model {name!r}: masked observations are not supported here")
-    return site
-
-
-def _gaussian_marginal(site: dict, has_latents: bool):
-    """The observed site's distribution when it is the Gaussian marginal of the observations."""
-    from .infer.site_terms import is_collapsed_gaussian
-
-    fn = site["fn"]
-    if has_latents or fn.batch_shape != torch.Size() or len(fn.event_shape) != 1:
-        return None
-    return fn if is_collapsed_gaussian(fn) else None
-
-
-def _pointwise_log_lik(site: dict) -> torch.Tensor:
-    """Log-density of every observation of a site that factorises over them, flattened."""
-    from .infer.site_terms import is_factorised, per_dimension_log_prob
-
-    fn, value = site["fn"], site["value"]
-    if not is_factorised(fn):
-        raise ValueError(
-            f"observed site {site['name']!r} ({type(fn).__name__}) does not factorise over its "
-            "observations given the latents: PSIS-LOO needs one log-likelihood per observation"
-        )
-    if len(fn.event_shape) > 0:
-        log_lik = per_dimension_log_prob(fn, value)
-        log_lik = log_lik.expand(*fn.batch_shape, log_lik.shape[-1])
-    else:
-        log_lik = fn.log_prob(value).expand(fn.batch_shape)
-    return log_lik.reshape(-1)
-
-
-def _guide_draws(entry: PyroModel, num_draws: int):
-    """Per guide draw: the ELBO term log p(y, z) - log q(z), log p(y, z), log q(z), and the
-    pointwise log-likelihood (num_draws, N)."""
-    import pyro.poutine as poutine
-
-    elbo, log_p, log_q, pointwise = [], [], [], []
-    for _ in range(num_draws):
-        guide_trace = poutine.trace(entry.guide).get_trace(*entry.args, **entry.kwargs)
-        model_trace = poutine.trace(poutine.replay(entry.model, trace=guide_trace)).get_trace(
-            *entry.args, **entry.kwargs
-        )
-        joint, proposal = model_trace.log_prob_sum(), guide_trace.log_prob_sum()
-        log_p.append(joint)
-        log_q.append(proposal)
-        elbo.append(joint - proposal)
-        pointwise.append(_pointwise_log_lik(_observed_site(model_trace, "")))
-    return torch.stack(elbo), torch.stack(log_p), torch.stack(log_q), torch.stack(pointwise)
-
-
-def _psis_loo(pointwise: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor):
-    """PSIS-LOO for draws from an approximate posterior q: the pointwise elpd ``(N,)`` and
-    ``arviz_stats.loo_approximate_posterior``'s result (Magnusson et al., 2019)."""
-    import arviz_stats
-    import xarray as xr
-    from arviz_base import from_dict
-
-    def array(tensor):
-        return tensor.detach().cpu().double().numpy()[None]
-
-    tree = from_dict({"log_likelihood": {"y": array(pointwise)}}, dims={"y": ["obs"]})
-    sample_dims = ["chain", "draw"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Pareto-k warnings are reported in the row instead
-        result = arviz_stats.loo_approximate_posterior(
-            tree, xr.DataArray(array(log_p), dims=sample_dims),
-            xr.DataArray(array(log_q), dims=sample_dims), pointwise=True,
-        )
-    return torch.as_tensor(result.elpd_i.values, dtype=pointwise.dtype), result
-
-
-def _score_pyro_model(name, entry, clml_draw, mpt_draw, num_draws, seed) -> _PyroScores:
-    import pyro.poutine as poutine
-
-    from .inference_data import _is_latent
-
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        trace = poutine.trace(entry.model).get_trace(*entry.args, **entry.kwargs)
-        site = _observed_site(trace, name)
-        values = site["value"].detach()
-        has_latents = any(_is_latent(s) for s in trace.nodes.values())
-        marginal = _gaussian_marginal(site, has_latents)
-        n = values.numel()
-        row: dict[str, Any] = {"model": name, "n": n,
-                               "clml_held_out": int(clml_draw.strata.max()) + 1}
-        log_marginal = getattr(entry.model, "log_marginal", None)
-        if callable(log_marginal):
-            row["exact_lml"] = float(log_marginal(*entry.args, **entry.kwargs))
-        elif not has_latents:
-            row["exact_lml"] = float(trace.log_prob_sum())
-        else:
-            row["exact_lml"] = None
-        elbo = pointwise_loo = None
-        row.update(elbo=None, elbo_se=None, clml=None, clml_se=None, mpt=None, mpt_se=None,
-                   elpd_loo=None, elpd_loo_se=None, loo_method=None, pareto_k_max=None)
-        if marginal is not None:
-            # No latents: the ELBO is log p(y) itself, and every masked score is exact per mask.
-            elbo = float(trace.log_prob_sum()) * torch.ones(num_draws, dtype=values.dtype)
-            for key, draw in (("clml", clml_draw), ("mpt", mpt_draw)):
-                terms = masked_conditional_log_prob(marginal, values, draw.masks).sum(-1)
-                estimate = draw.estimate(terms, summed=True)
-                row[key], row[key + "_se"] = estimate.mean.item(), estimate.stderr.item()
-                row[key + "_terms"] = terms
-            eye = torch.eye(n, dtype=torch.bool, device=values.device)
-            pointwise_loo = masked_conditional_log_prob(marginal, values, eye).diagonal()
-            row["loo_method"] = "exact"
-        elif not has_latents:
-            # Independent observations without latents: p(y_i | y_-i) = p(y_i).
-            elbo = float(trace.log_prob_sum()) * torch.ones(num_draws, dtype=values.dtype)
-            pointwise_loo = _pointwise_log_lik(site)
-            row["loo_method"] = "exact"
-        elif entry.guide is not None:
-            elbo, log_p, log_q, pointwise = _guide_draws(entry, num_draws)
-            pointwise_loo, result = _psis_loo(pointwise, log_p, log_q)
-            row["loo_method"] = "psis"
-            row["pareto_k_max"] = float(result.pareto_k.max())
-        if elbo is not None:
-            row["elbo"] = elbo.mean().item()
-            row["elbo_se"] = (elbo.std() / math.sqrt(len(elbo))).item()
-        if pointwise_loo is not None:
-            row["elpd_loo"] = pointwise_loo.sum().item()
-            row["elpd_loo_se"] = (n * pointwise_loo.var(unbiased=False)).sqrt().item()
-        row["pseudo_ll"] = row["elpd_loo"]
-    return _PyroScores(row, values.reshape(-1), marginal, elbo, pointwise_loo)
-
-
-def evaluate_pyro_models(
-    models: Mapping[str, Any],
-    data: Any = None,
-    condition_fraction: float = 0.9,
-    num_masks: int = 4,
-    num_draws: int = 256,
-    seed: int = 0,
-) -> list[dict[str, Any]]:
-    r"""Comparison rows for Pyro models of one data set, with paired standard errors of differences.
-
-    Each model is a :class:`PyroModel` (or a tuple ``(model, guide)``, ``(model, guide, args)``
-    or ``(model, guide, args, kwargs)``; ``data`` gives the arguments of entries without any).
-    Every model must observe the same N values at its one observed site. Columns are totals over
-    the N observations (nats), as in :func:`evaluate_gps`:
-
-    - ``exact_lml``: :math:`\log p(\mathbf y)` from the model's own ``log_marginal(*args)`` (e.g.
-      :class:`~pyro_mpt.models.BayesianLinearRegression`, collapsed or not), else the
-      log-density of a model without latents; ``None`` otherwise (no estimate yet).
-    - ``elbo`` ± ``elbo_se``: the mean of ``num_draws`` single-particle Trace_ELBO terms
-      :math:`\log p(\mathbf y, z) - \log q(z)`, :math:`z \sim q` (exactly
-      :math:`\log p(\mathbf y)` for a model without latents).
-    - ``clml`` ± ``clml_se``: :math:`\mathbb E_H \log p(\mathbf y_H \mid \mathbf y_C)` with a
-      fraction ``condition_fraction`` = c **conditioned on** (Lotfi et al.'s c = 0.9) and
-      :math:`p = \max(1, \lfloor (1 - c) N \rfloor)` held out; the masked estimator of
-      :class:`~pyro_mpt.gp.ConditionalMarginalLogLikelihood` (``num_masks`` masks of every size
-      1..p). ``mpt`` ± ``mpt_se``: the stratified masked pre-training estimate of
-      :math:`\log p(\mathbf y)` (``num_masks`` masks of every size 1..N), which the exact
-      ``exact_lml`` checks. Both need the Gaussian marginal of the observations (``None``
-      otherwise).
-    - ``elpd_loo`` ± ``elpd_loo_se``: leave-one-out :math:`\sum_i \log p(y_i \mid
-      \mathbf y_{-i})`, exact from the Gaussian marginal (``loo_method = "exact"``), else
-      PSIS-LOO from ``num_draws`` guide draws corrected for the guide not being the posterior
-      (``arviz_stats.loo_approximate_posterior``, ``loo_method = "psis"``, ``pareto_k_max``);
-      ``pseudo_ll`` is the same number (the m = 1 masked score).
-    - ``*_diff`` ± ``*_dse`` for ``exact_lml, elbo, clml, mpt, elpd_loo``: the difference to the
-      best model by that column and its standard error from **paired** differences: the masks
-      are drawn once and shared by every model, guide draws use the same seed, and LOO pairs
-      observations as ``arviz_stats.compare`` does. ``*_dse_unpaired`` is
-      :math:`\sqrt{se_a^2 + se_b^2}`, what independent estimates would give.
-
-    ``rank`` orders by ``elpd_loo`` (as ``arviz_stats.compare``), else by ``exact_lml``.
-
-    Example:
-        >>> import pyro.distributions as dist
-        >>> from pyro_mpt.models import BayesianLinearRegression
-        >>> gen = torch.Generator().manual_seed(0)
-        >>> x = torch.randn(60, 3, generator=gen, dtype=torch.float64)
-        >>> y = x @ torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64) + 0.3 * torch.randn(
-        ...     60, generator=gen, dtype=torch.float64)
-        >>> models = {"all": PyroModel(BayesianLinearRegression(3), None, (x, y)),
-        ...           "first": PyroModel(BayesianLinearRegression(1), None, (x[:, :1], y))}
-        >>> rows = evaluate_pyro_models(models)
-        >>> [row["rank"] for row in rows], rows[1]["clml_dse"] < rows[1]["clml_dse_unpaired"]
-        ([0, 1], True)
-    """
-    import pyro.poutine as poutine
-
-    from .gp.conditional_marginal_log_likelihood import held_out_size, stratified_clml_masks
-
-    if num_masks < 2:
-        raise ValueError(f"num_masks must be at least 2 for a standard error, got {num_masks}")
-    if not isinstance(num_draws, int) or num_draws < 2:
-        raise ValueError(f"num_draws must be an integer >= 2, got {num_draws!r}")
-    entries = {}
-    for name, entry in models.items():
-        pyro_model = _as_pyro_model(entry, data)
-        if pyro_model is None:
-            raise TypeError(
-                f"model {name!r} is not a PyroModel or (model, guide[, args[, kwargs]]) tuple; "
-                "do not mix Pyro models with distributions or GPs"
-            )
-        entries[name] = pyro_model
-    scores: dict[str, _PyroScores] = {}
-    clml_draw = mpt_draw = None
-    with torch.no_grad(), limited_threads():
-        for name, entry in entries.items():
-            if clml_draw is None:
-                # Common random numbers: one set of masks, drawn from the first model's data.
-                with torch.random.fork_rng():
-                    torch.manual_seed(seed)
-                    trace = poutine.trace(entry.model).get_trace(*entry.args, **entry.kwargs)
-                trace_values = _observed_site(trace, name)["value"]
-                n = trace_values.numel()
-                generator = torch.Generator().manual_seed(seed)
-                dtype = trace_values.dtype
-                clml_draw = stratified_clml_masks(
-                    held_out_size(condition_fraction, n), n, (), num_masks, generator, dtype)
-                mpt_draw = stratified_clml_masks(n, n, (), num_masks, generator, dtype)
-            scores[name] = _score_pyro_model(name, entry, clml_draw, mpt_draw, num_draws, seed)
-        first = next(iter(scores.values()))
-        for name, score in scores.items():
-            if not torch.equal(score.values, first.values):
-                raise ValueError(
-                    f"model {name!r} observes different data from {next(iter(scores))!r}: "
-                    "compare models on the same observations"
-                )
-        rows = [score.row for score in scores.values()]
-        _paired_differences(rows, scores, {"clml": clml_draw, "mpt": mpt_draw})
-    return rows
-
-
-def _paired_differences(rows, scores, draws) -> None:
-    """``*_diff``, ``*_dse`` (paired) and ``*_dse_unpaired`` to the best model of each column."""
-    for key in ("exact_lml", "elbo", "clml", "mpt", "elpd_loo"):
-        available = [row for row in rows if row[key] is not None]
-        best = max(available, key=lambda r: r[key]) if available else None
-        for row in rows:
-            if best is None or row[key] is None:
-                row[key + "_diff"] = row[key + "_dse"] = row[key + "_dse_unpaired"] = None
-                continue
-            row[key + "_diff"] = best[key] - row[key]
-            if key == "exact_lml":
-                row[key + "_dse"] = row[key + "_dse_unpaired"] = 0.0
-                continue
-            reference, this = scores[best["model"]], scores[row["model"]]
-            if key in draws:
-                paired = draws[key].estimate(
-                    best[key + "_terms"] - row[key + "_terms"], summed=True).stderr.item()
-            elif key == "elbo":
-                difference = reference.elbo - this.elbo
-                paired = (difference.std() / math.sqrt(len(difference))).item()
-            else:
-                difference = reference.pointwise_loo - this.pointwise_loo
-                paired = (difference.numel() * difference.var(unbiased=False)).sqrt().item()
-            row[key + "_dse"] = paired
-            row[key + "_dse_unpaired"] = (
-                0.0 if row is best else math.hypot(row[key + "_se"], best[key + "_se"]))
-    for row in rows:
-        for key in ("clml", "mpt"):
-            row.pop(key + "_terms", None)
-    ranked = sorted(rows, key=lambda r: -(r["elpd_loo"] if r["elpd_loo"] is not None
-                                          else r["exact_lml"] if r["exact_lml"] is not None
-                                          else -math.inf))
-    for rank, row in enumerate(ranked):
-        row["rank"] = rank
 
 
 def as_dataframe(rows: Sequence[Mapping[str, Any]]):
@@ -792,15 +447,17 @@ def as_dataframe(rows: Sequence[Mapping[str, Any]]):
 def plot_comparison(rows: Sequence[Mapping[str, Any]], path=None, columns: Sequence[str] | None
                     = None):
     """Scores of :func:`compare_models` rows with ± one standard error bars, one panel per
-    column (default: every column that has a ``_se``, plus ``exact_lml``); saved to ``path``
+    column (default: every score column the rows have); saved to ``path``
     (PNG) when given. Returns the figure."""
     import matplotlib.pyplot as plt
 
     if not rows:
         raise ValueError("rows must contain at least one row")
     if columns is None:
-        columns = [key for key in ("exact_lml", "elbo", "mpt", "clml", "elpd_loo", "pseudo_ll")
-                   if any(row.get(key) is not None for row in rows)]
+        # lml and elpd_loo, where rows have them, repeat exact_lml and pseudo_ll.
+        keys = ("lml", "elbo", "mpt", "clml", "elpd_loo") if "lml" in rows[0] else (
+            "exact_lml", "mpt", "pseudo_ll")
+        columns = [key for key in keys if any(row.get(key) is not None for row in rows)]
     fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.2), squeeze=False)
     names = [str(row["model"]) for row in rows]
     for ax, key in zip(axes[0], columns, strict=True):
@@ -850,35 +507,37 @@ def format_table(rows: Sequence[Mapping[str, Any]], digits: int = 3) -> str:
     return "\n".join(lines)
 
 
+# How a column was estimated, when it is not exact (see :mod:`pyro_mpt.evaluate_pyro`).
+_TAGS = {"importance": "IS", "mpt": "MPT", "snis": "SNIS", "psis": "PSIS"}
+
+
 def _format_gp_table(rows: Sequence[Mapping[str, Any]], digits: int) -> str:
-    """:func:`evaluate_gps` and :func:`evaluate_pyro_models` rows: totals ± s.e. and the
-    difference to the best model ± its (paired) s.e.; columns no row has are left out."""
+    """:func:`evaluate_gps` and :func:`evaluate_pyro_models` rows: totals ± s.e. (tagged with
+    the estimator when it is not exact: IS, MPT, SNIS, PSIS) and the difference to the best
+    model ± its paired s.e.; columns no row has are left out."""
     first = rows[0]
 
-    def number(value, se=None) -> str:
+    def cell(value, se=None, method=None) -> str:
         if value is None:
             return "n/a"
-        return f"{value:.{digits}f}" + ("" if se is None else f" ± {se:.{digits}f}")
+        text = f"{value:.{digits}f}" + (f" ± {se:.{digits}f}" if se else "")
+        return text + (f" ({_TAGS[method]})" if method in _TAGS else "")
 
-    columns = [
-        ("exact LML", "exact_lml", False),
-        ("ELBO", "elbo", True),
-        ("MPT (stratified)", "mpt", True),
-        (f"CLML (p = {first['clml_held_out']} of {first['n']})", "clml", True),
-        ("elpd LOO", "elpd_loo", True),
-    ]
+    clml = "CLML"
+    if all(row["clml_held_out"] == first["clml_held_out"] and row["n"] == first["n"]
+           for row in rows):
+        clml = f"CLML (p = {first['clml_held_out']} of {first['n']})"
+    columns = [("LML", "lml"), ("ELBO", "elbo"), ("MPT", "mpt"), (clml, "clml"),
+               ("elpd LOO", "elpd_loo")]
     columns = [c for c in columns if any(row.get(c[1]) is not None for row in rows)]
     header = ["model"]
-    for title, key, _ in columns:
-        header += [title, "Δ LML" if key == "exact_lml" else f"Δ {title.split(' (')[0]} ± dse"]
+    for title, _ in columns:
+        header += [title, f"Δ {title.split(' (')[0]} ± dse"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [str(row["model"])]
-        for _, key, with_se in columns:
-            cells.append(number(row.get(key), row.get(key + "_se") if with_se else None))
-            cells.append(number(row.get(key + "_diff"),
-                                row.get(key + "_dse") if key != "exact_lml" else None))
-        if row.get("loo_method") == "psis":
-            cells[-2] += " (PSIS)"
+        for _, key in columns:
+            cells.append(cell(row.get(key), row.get(key + "_se"), row.get(key + "_method")))
+            cells.append(cell(row.get(key + "_diff"), row.get(key + "_dse")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

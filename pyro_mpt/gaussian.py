@@ -211,23 +211,101 @@ def low_rank_conditionals(
     if rank >= size:
         covariance = cov_factor @ cov_factor.mT + torch.diag_embed(cov_diag)
         return full_rank_conditionals(loc, value, mask, covariance=covariance)
-    dtype = cov_factor.dtype
-    visible_precision = (~mask).to(dtype) / cov_diag  # diag of Psi_R^{-1}, zero on masked dims
+    residual = value - loc
+    if cov_factor.dim() == 2 and cov_diag.dim() == 1:
+        # One factor for every row (a plate's expand() of W does not count): the closed-form
+        # backward, which never differentiates through the K x K factorisations.
+        shape = torch.broadcast_shapes(mask.shape, residual.shape)
+        deviation, var = _LowRankConditionals.apply(
+            cov_factor,
+            cov_diag,
+            residual.expand(shape).reshape(-1, size),
+            mask.expand(shape).reshape(-1, size),
+        )
+        return deviation.reshape(shape), var.reshape(shape)
+    visible_precision = (~mask).to(cov_factor.dtype) / cov_diag  # diag of Psi_R^{-1}, 0 on M
     # Outer products W_j W_j^T flattened, so that sum_j w_j W_j W_j^T is one matrix product.
-    outer = (cov_factor.unsqueeze(-1) * cov_factor.unsqueeze(-2)).flatten(-2)
-    eye = torch.eye(rank, dtype=dtype, device=cov_factor.device)
-    precision = eye + (visible_precision.unsqueeze(-2) @ outer).squeeze(-2).unflatten(
-        -1, (rank, rank)
-    )
-    chol = _cholesky(precision)
-    projected = ((visible_precision * (value - loc)).unsqueeze(-2) @ cov_factor).mT
+    outer = _outer_products(cov_factor)
+    chol = _cholesky(_latent_precision(visible_precision, outer, rank))
+    projected = ((visible_precision * residual).unsqueeze(-2) @ cov_factor).mT
     latent_mean = torch.cholesky_solve(projected, chol).mT
     latent_cov = torch.cholesky_inverse(chol).flatten(-2).unsqueeze(-2)
     # Row vectors times (possibly unbatched) matrices: torch folds these into one matrix product
     # instead of broadcasting W over every mask.
-    deviation = (value - loc) - (latent_mean @ cov_factor.mT).squeeze(-2)
+    deviation = residual - (latent_mean @ cov_factor.mT).squeeze(-2)
     var = cov_diag + (latent_cov @ outer.mT).squeeze(-2)
     return deviation, var
+
+
+def _outer_products(cov_factor: torch.Tensor) -> torch.Tensor:
+    """``(..., D, K) -> (..., D, K*K)``: each row's outer product with itself, flattened."""
+    return (cov_factor.unsqueeze(-1) * cov_factor.unsqueeze(-2)).flatten(-2)
+
+
+def _latent_precision(visible_precision, outer, rank: int) -> torch.Tensor:
+    r""":math:`I + W^\top \Psi_R^{-1} W` per row, ``(..., K, K)``."""
+    eye = torch.eye(rank, dtype=outer.dtype, device=outer.device)
+    return eye + (visible_precision.unsqueeze(-2) @ outer).squeeze(-2).unflatten(-1, (rank, rank))
+
+
+class _LowRankConditionals(torch.autograd.Function):
+    r"""Rows ``(N, D)`` of deviations and variances for one factor ``W (D, K)`` and ``psi (D,)``.
+
+    With :math:`P = I + W^\top \Psi_R^{-1} W`, :math:`S = P^{-1}`,
+    :math:`b = W^\top \Psi_R^{-1} e`, :math:`\mu = S b`: deviation :math:`e - W\mu`,
+    variance :math:`\psi + \mathrm{diag}(W S W^\top)`. Backward, from the gradients
+    :math:`g^d, g^v` of the two outputs: :math:`\bar\mu = -W^\top g^d`,
+    :math:`\bar S = W^\top \mathrm{diag}(g^v) W + \bar\mu b^\top`, :math:`\bar b = S\bar\mu`,
+    :math:`\bar P = -S \bar S S`; every sum over rows is then one matrix product.
+    """
+
+    @staticmethod
+    def forward(ctx, cov_factor, cov_diag, residual, mask):
+        rank = cov_factor.shape[-1]
+        visible_precision = (~mask).to(cov_factor.dtype) / cov_diag
+        outer = _outer_products(cov_factor)  # (D, K^2)
+        chol = _cholesky(_latent_precision(visible_precision, outer, rank))
+        eye = torch.eye(rank, dtype=chol.dtype, device=chol.device)
+        inverse_chol = torch.linalg.solve_triangular(chol, eye, upper=False)
+        latent_cov = inverse_chol.mT @ inverse_chol  # S: (N, K, K); faster than cholesky_inverse
+        projected = (visible_precision * residual) @ cov_factor  # b: (N, K)
+        latent_mean = (latent_cov @ projected.unsqueeze(-1)).squeeze(-1)
+        deviation = residual - latent_mean @ cov_factor.mT
+        var = cov_diag + latent_cov.flatten(-2) @ outer.mT
+        ctx.save_for_backward(
+            cov_factor, cov_diag, residual, mask, outer, latent_cov, projected, latent_mean
+        )
+        return deviation, var
+
+    @staticmethod
+    def backward(ctx, grad_deviation, grad_var):
+        cov_factor, cov_diag, residual, mask, outer, latent_cov, projected, latent_mean = (
+            ctx.saved_tensors
+        )
+        visible = (~mask).to(cov_factor.dtype)
+        visible_precision = visible / cov_diag
+        grad_mean = -grad_deviation @ cov_factor  # (N, K)
+        grad_cov = (grad_var @ outer).unflatten(-1, latent_cov.shape[-2:])
+        grad_cov = grad_cov + grad_mean.unsqueeze(-1) * projected.unsqueeze(-2)
+        grad_projected = (latent_cov @ grad_mean.unsqueeze(-1)).squeeze(-1)
+        grad_precision = -latent_cov @ grad_cov @ latent_cov  # (N, K, K)
+        grad_precision = grad_precision + grad_precision.mT
+        back_projected = grad_projected @ cov_factor.mT  # (N, D)
+        # d/d(visible precision): from P (w_d^T Pbar w_d; Pbar symmetrised above, so halve) and b.
+        grad_visible_precision = (
+            0.5 * (grad_precision.flatten(-2) @ outer.mT) + residual * back_projected
+        )
+        # d/dW: rows' K x K weights contracted with w_d, from P and from the variances; then
+        # b's and the deviations' outer products.
+        weights = visible_precision.mT @ grad_precision.flatten(-2) + (
+            2 * grad_var
+        ).mT @ latent_cov.flatten(-2)  # (D, K^2)
+        grad_factor = weights.unflatten(-1, latent_cov.shape[-2:]) @ cov_factor.unsqueeze(-1)
+        grad_factor = grad_factor.squeeze(-1) + (visible_precision * residual).mT @ grad_projected
+        grad_factor = grad_factor - grad_deviation.mT @ latent_mean
+        grad_diag = grad_var.sum(0) - (grad_visible_precision * visible_precision / cov_diag).sum(0)
+        grad_residual = grad_deviation + visible_precision * back_projected
+        return grad_factor, grad_diag, grad_residual, None
 
 
 def full_rank_conditionals(
@@ -307,11 +385,16 @@ def full_rank_conditionals(
             group_var = masked_rows.pow(2).sum(-1)
         elif m * m <= r * (r + m):
             if inverse_tril is None:
-                inverse_tril = _inverse_tril(scale_tril)
+                wide_inverse = _inverse_tril(scale_tril)
+                inverse_tril = wide_inverse.to(scale_tril.dtype)
                 flat_inverse = inverse_tril.reshape(-1, size, size)
-                # u = L^{-1}(x - mu): with one factor this is one matrix product for all rows.
+                # u = L^{-1}(x - mu), in float64 too (the float32 product of a rounded inverse
+                # cancels digits): with one factor, one matrix product for all rows.
                 whitened_residual = (
-                    (residual.unsqueeze(-2) @ inverse_tril.mT).squeeze(-2).expand(*batch, size)
+                    (residual.to(wide_inverse.dtype).unsqueeze(-2) @ wide_inverse.mT)
+                    .squeeze(-2)
+                    .to(scale_tril.dtype)
+                    .expand(*batch, size)
                 ).reshape(-1, size)
             columns = flat_inverse[matrix_index[rows]].gather(
                 -1, masked.unsqueeze(-2).expand(-1, size, -1)
@@ -345,15 +428,15 @@ def full_rank_conditionals(
 
 
 def _inverse_tril(scale_tril: torch.Tensor) -> torch.Tensor:
-    """:math:`L^{-1}`, computed in float64 and returned in the factor's dtype.
+    """:math:`L^{-1}`, computed and returned in float64 (or wider).
 
     An explicit inverse loses far more digits than the triangular solve inside ``log_prob``
     (measured on float32 GP kernels: 10-50x the error of ``MultivariateNormal.log_prob``);
     one inverse in float64 per call brings the precision route back to ``log_prob``'s accuracy.
     """
-    wide = scale_tril.to(torch.float64)
+    wide = scale_tril.to(torch.promote_types(scale_tril.dtype, torch.float64))
     eye = torch.eye(wide.shape[-1], dtype=wide.dtype, device=wide.device)
-    return torch.linalg.solve_triangular(wide, eye, upper=False).to(scale_tril.dtype)
+    return torch.linalg.solve_triangular(wide, eye, upper=False)
 
 
 def _check_full_rank(upper: torch.Tensor) -> None:
@@ -411,6 +494,12 @@ def batch_shape_of(dist, value: torch.Tensor) -> torch.Size:
         ) from error
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry is finite: one sum (finite only if every term is), and the
+    elementwise test only when that sum is not (overflow)."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def _check_value(value, size: int) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"value must be a torch.Tensor, got {type(value).__name__}")
@@ -419,7 +508,7 @@ def _check_value(value, size: int) -> None:
             f"value must have trailing dimension D={size} (the distribution's event size), "
             f"got shape {tuple(value.shape)}"
         )
-    if not bool(torch.isfinite(value).all()):
+    if not _all_finite(value):
         raise ValueError("value contains NaN or infinite entries")
 
 

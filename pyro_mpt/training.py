@@ -1,8 +1,13 @@
-"""A small training loop shared by the CLI, tutorials and experiments.
+"""The optimisation loop shared by the CLI, tutorials and experiments.
+
+:func:`minimize` minimises any loss over the tensors given; :func:`fit_svi` runs it on a Pyro
+``ELBO``. To train a model of :mod:`pyro_mpt.models` by a named objective (exact LML, Trace_ELBO,
+masked pre-training) use :func:`pyro_mpt.models.fit`, which calls these. (Experiment E3,
+``pyro-mpt reproduce training``, is :mod:`pyro_mpt.experiments.training`.)
 
 Stochastic objectives such as masked pre-training need a decaying step size to settle at the
-optimum (a constant rate leaves them at a gradient-noise floor), so :func:`fit` defaults to Adam
-with a cosine-annealed learning rate from ``lr`` down to ``final_lr``.
+optimum (a constant rate leaves them at a gradient-noise floor), so :func:`minimize` defaults to
+Adam with a cosine-annealed learning rate from ``lr`` down to ``final_lr``.
 """
 
 from __future__ import annotations
@@ -16,12 +21,12 @@ from tqdm.auto import tqdm
 
 from .threads import limited_threads
 
-__all__ = ["FitResult", "fit", "fit_svi"]
+__all__ = ["FitResult", "minimize", "fit_svi"]
 
 
 @dataclass
 class FitResult:
-    """History of a :func:`fit` run.
+    """History of a :func:`minimize`, :func:`fit_svi` or :func:`pyro_mpt.models.fit` run.
 
     Attributes:
         losses: the objective at every step.
@@ -36,7 +41,7 @@ class FitResult:
     wall_time: float = 0.0
 
 
-def fit(
+def minimize(
     loss_fn: Callable[[], torch.Tensor],
     parameters: Iterable[torch.nn.Parameter],
     steps: int = 1500,
@@ -45,7 +50,7 @@ def fit(
     track: Callable[[], float] | None = None,
     track_every: int = 25,
     progress: bool = True,
-    desc: str = "fit",
+    desc: str = "minimize",
 ) -> FitResult:
     """Minimise ``loss_fn()`` with Adam and a cosine learning-rate schedule, with tqdm progress.
 
@@ -61,7 +66,7 @@ def fit(
 
     Example:
         >>> w = torch.nn.Parameter(torch.tensor(3.0))
-        >>> result = fit(lambda: (w - 1.0) ** 2, [w], steps=300, lr=0.1, progress=False)
+        >>> result = minimize(lambda: (w - 1.0) ** 2, [w], steps=300, lr=0.1, progress=False)
         >>> round(w.item(), 3)
         1.0
     """
@@ -113,9 +118,9 @@ def fit_svi(
     batches: Callable[[], tuple[tuple, dict]] | None = None,
     **kwargs,
 ) -> FitResult:
-    """Stochastic variational inference with any Pyro ``ELBO``, run by :func:`fit`.
+    """Stochastic variational inference with any Pyro ``ELBO``, run by :func:`minimize`.
 
-    The same loop as :func:`fit` (Adam, cosine-annealed learning rate, tqdm), with the loss
+    The same loop as :func:`minimize` (Adam, cosine-annealed learning rate, tqdm), with the loss
     ``elbo.differentiable_loss(model, guide, *args, **kwargs)`` and the parameters found by tracing
     one evaluation (so ``pyro.param`` sites, ``PyroModule`` parameters and autoguide parameters
     are all trained).
@@ -128,7 +133,7 @@ def fit_svi(
         loss_scale: multiplies the loss (e.g. ``1 / N`` to record losses per datum).
         batches: optional callable returning ``(args, kwargs)`` for each step (mini-batches);
             overrides ``args`` and ``kwargs``.
-        steps, lr, final_lr, track, track_every, progress, desc: as in :func:`fit`.
+        steps, lr, final_lr, track, track_every, progress, desc: as in :func:`minimize`.
 
     Example:
         >>> import pyro, pyro.distributions as dist
@@ -152,7 +157,7 @@ def fit_svi(
     parameters = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
     if not parameters:
         raise ValueError("the model and guide have no parameters to fit (no pyro.param sites)")
-    return fit(
+    return minimize(
         loss_fn,
         parameters,
         steps=steps,

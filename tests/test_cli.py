@@ -38,6 +38,9 @@ BAD = [
     (["reproduce", "binary", "--out", "{file}"], "--out"),
     (["reproduce", "training", "--out", "{folder}"], "--out"),  # OUT/training is a file
     (["reproduce", "binary", "--seed", "-1"], "--seed"),
+    (["reproduce", "E1"], "name"),
+    (["reproduce", "binary", "--seed", "1.5"], "--seed"),
+    (["demo", "--dtype", "float16"], "--dtype"),
 ]
 
 
@@ -91,6 +94,24 @@ def test_every_option_has_help_with_its_default(command, options, example, capsy
     # ArgumentDefaultsHelpFormatter appends the default to every option that has a help string.
     assert text.count("(default: ") == len(options)
     assert example in text
+
+
+def test_reproduce_help_lists_every_experiment_with_its_description(capsys):
+    from pyro_mpt.experiments import EXPERIMENTS
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reproduce", "--help"])
+    assert exit_info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    listed = [line.split() for line in lines[lines.index("experiments:") + 1 :]]
+    assert [words[0] for words in listed] == [*EXPERIMENTS, "all"]
+    for words, (_, description) in zip(listed, EXPERIMENTS.values(), strict=False):
+        assert " ".join(words[1:]) == " ".join(description.split())
+    # The paper's order, E1 to E6, in the list and in the choices, then what goes beyond it.
+    assert [description[:2] for _, description in EXPERIMENTS.values()][:6] == [
+        f"E{i}" for i in range(1, 7)
+    ]
+    assert "{convergence,area,training,mlm,binary,selection,evidence,all}" in "".join(lines)
 
 
 def test_version_is_the_installed_distributions():

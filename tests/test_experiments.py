@@ -8,6 +8,7 @@ import torch
 from torch.distributions import LowRankMultivariateNormal
 
 from pyro_mpt.experiments import EXPERIMENTS
+from pyro_mpt.experiments._report import timing_line
 from pyro_mpt.experiments.binary import mpt_loss
 from pyro_mpt.experiments.convergence import replicate_estimates
 from pyro_mpt.experiments.training import closed_form_loading
@@ -65,6 +66,23 @@ def test_area_smoke(tmp_path):
     assert row["area_se"] == pytest.approx(se, abs=1e-9)
     assert abs(row["area"] - row["exact_lml"]) < 4 * row["area_se"]
     assert "D*S(m=8)" in markdown and (tmp_path / "curve.png").exists()
+    # The page says under what load and threads its wall time was measured.
+    timing = saved["timing"]
+    assert timing["threads"] == 1 and timing["cores"] >= 1
+    assert 0 <= timing["cpu_time_s"] and 0 < timing["wall_time_s"] == saved["wall_time_s"]
+    assert markdown.rstrip().splitlines()[-1].startswith(timing_line(saved))
+    assert "CPU time" in timing_line(saved) and "thread(s) on" in timing_line(saved)
+
+
+@pytest.mark.parametrize("load, busy", [([0.2, 0.3, 0.1], False), ([1.0, 0.5, 0.5], True),
+                                        (None, False)])  # fmt: skip
+def test_the_timing_line_says_when_the_machine_was_busy(load, busy):
+    timing = {"wall_time_s": 12.3, "cpu_time_s": 11.9, "threads": 1, "cores": 2,
+              "load_average_start": load, "load_average_end": load}  # fmt: skip
+    line = timing_line({"timing": timing, "environment": {"torch": "2.x"}})
+    assert line.startswith("Wall time 12 s, CPU time 12 s (torch 2.x, 1 thread(s) on 2 cores; ")
+    assert ("not a quiet-machine figure" in line) == busy
+    assert ("load average not available" in line) == (load is None)
 
 
 def test_closed_form_loading_is_the_optimum():

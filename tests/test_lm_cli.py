@@ -176,6 +176,7 @@ BAD = [
     (["{model}", "{texts}", "--out", "o.jsonl", "--exhaustive-up-to", "-1"],
      "--exhaustive-up-to"),
     (["{model}", "{texts}"], "--out"),
+    (["{model}", "{texts}", "--out", "o.jsonl", "--device", "gpu0"], "--device"),
 ]  # fmt: skip
 
 
@@ -202,6 +203,9 @@ def test_every_option_has_help_with_its_default(capsys):
         assert option in text
     assert "--token-budget TOKEN_BUDGET most tokens (rows x length) per forward pass (default: " \
            "8192)" in text  # fmt: skip
+    # No "(default: None)": --out is required, and the other None defaults say what they mean.
+    assert "(default: None)" not in text
+    assert "--out OUT JSONL output file (appended to, resumed) --format" in text
 
 
 def _free_port() -> int:

@@ -346,3 +346,6 @@ def test_experiment_smoke(tmp_path):
     assert len(results["trained"]["curve_mean"]) == len(results["rates"])
     assert results["eval_texts"] == 3
     assert results["checks"]["untrained_max_deviation"] < 0.2
+    markdown = (tmp_path / "results.md").read_text()
+    assert markdown.rstrip().splitlines()[-1].startswith("Wall time ")
+    assert "CPU time" in markdown and "load average" in markdown

@@ -46,7 +46,7 @@ from sklearn.datasets import load_digits
 from pyro_mpt.datasets import load_binarized_digits
 from pyro_mpt.masks import Cumulative, FixedRate, masks_of_sizes
 from pyro_mpt.models import BernoulliLatentGuide, BernoulliLatentModel, fit
-from pyro_mpt.training import fit as fit_loss
+from pyro_mpt.training import minimize
 
 order = torch.randperm(1797, generator=torch.Generator().manual_seed(0))[:500]
 x = load_binarized_digits()[order]  # 500 images, 8 x 8 pixels, ink above intensity 8
@@ -167,7 +167,7 @@ histories["MPT, importance sampling"] = fit(
 for name, masks in [("MPT, quadrature", Cumulative()), ("fixed 15%, quadrature", FixedRate(0.15))]:
     trained[name] = model = new_model()
     masks_generator = torch.Generator().manual_seed(1)
-    histories[name] = fit_loss(
+    histories[name] = minimize(
         lambda model=model, masks=masks, gen=masks_generator: quadrature_mpt_loss(
             model, masks, gen
         ),

@@ -6,8 +6,11 @@ Each experiment is a module ``pyro_mpt.experiments.NAME`` with a function
 them by name through :data:`EXPERIMENTS`.
 """
 
+__all__ = ["EXPERIMENTS"]
+
+#: Experiment name (as in ``pyro-mpt reproduce NAME``) -> (module, one-line description), in the
+#: paper's order E1-E6. The CLI imports a module only when its experiment runs.
 EXPERIMENTS = {
-    # name -> (module, one-line description); modules are imported lazily by the CLI.
     "convergence": (
         "pyro_mpt.experiments.convergence",
         "E1: |LML - cumulative MPT| per datum against masks per size, PPCA, D = 5 and 50",
@@ -20,20 +23,21 @@ EXPERIMENTS = {
         "pyro_mpt.experiments.training",
         "E3: PPCA W trained by cumulative vs fixed 20%/80% MPT; exact LML per epoch",
     ),
-    "binary": (
-        "pyro_mpt.experiments.binary",
-        "E5: Bernoulli latent model on binarised digits, ELBO vs cumulative vs 15% MPT",
-    ),
     "mlm": (
         "pyro_mpt.experiments.mlm",
         "E4: masked LM trained from scratch vs untrained, MPT curve over masking rates",
     ),
-    "evidence": (
-        "pyro_mpt.experiments.evidence",
-        "evidence of a latent-variable model: MPT through SNIS vs importance sampling",
+    "binary": (
+        "pyro_mpt.experiments.binary",
+        "E5: Bernoulli latent model on binarised digits: LML, ELBO, cumulative MPT (SNIS with a "
+        "learned proposal, and quadrature), 15% MPT",
     ),
     "selection": (
         "pyro_mpt.experiments.selection",
         "E6: GP hyperparameters by LML, CLML (split, masked) and LOO; test NLL and RMSE",
+    ),
+    "evidence": (
+        "pyro_mpt.experiments.evidence",
+        "evidence of a latent-variable model: MPT through SNIS vs importance sampling",
     ),
 }

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..datasets import synthetic_ppca, synthetic_ppca_marginal
 from ..plots import plot_mpt_curve
 from ..scoring import MPTCurve, mpt_curve
-from ._report import Timer, markdown_table, single_threaded, write_results
+from ._report import Timer, markdown_table, single_threaded, timing_line, write_results
 
 __all__ = ["run"]
 
@@ -169,7 +169,6 @@ def format_markdown(results: dict) -> str:
             "",
             "![curve](curve.png)",
             "",
-            f"Wall time {results['wall_time_s']:.0f} s (torch {results['environment']['torch']}, "
-            f"{results['environment']['threads']} thread(s)).",
+            timing_line(results),
         ]
     )

@@ -49,9 +49,9 @@ from ..datasets import load_binarized_digits
 from ..infer import MaskedPretrainingELBO
 from ..masks import Cumulative, FixedRate, MaskScheme
 from ..models import BernoulliLatentGuide, BernoulliLatentModel
-from ..models.fitting import fit as fit_model
-from ..training import FitResult, fit
-from ._report import Timer, markdown_table, single_threaded, write_results
+from ..models import fit as fit_model
+from ..training import FitResult, minimize
+from ._report import Timer, markdown_table, single_threaded, timing_line, write_results
 
 __all__ = ["run", "mpt_loss", "maximise_lml", "OBJECTIVES"]
 
@@ -167,7 +167,7 @@ def _fit_objective(name, model, data, *, epochs, lr, seed, train_grid, num_impor
         with torch.no_grad():
             history.tracked_steps, history.tracked = [epochs - 1], [track()]
     elif name == "quadrature LML, Adam":
-        history = fit(
+        history = minimize(
             lambda: -model.log_marginal(data, grid_size=train_grid).mean(),
             model.parameters(), **options,
         )  # fmt: skip
@@ -195,7 +195,7 @@ def _fit_objective(name, model, data, *, epochs, lr, seed, train_grid, num_impor
     else:
         masks = Cumulative() if name.startswith("cumulative") else FixedRate(0.15)
         generator = torch.Generator().manual_seed(seed + 1)
-        history = fit(
+        history = minimize(
             lambda: mpt_loss(model, data, masks, generator, train_grid),
             model.parameters(), **options,
         )  # fmt: skip
@@ -442,7 +442,6 @@ def format_markdown(results: dict) -> str:
         "",
         "![training](training.png)",
         "",
-        f"Wall time {results['wall_time_s']:.0f} s (torch {results['environment']['torch']}, "
-        f"{results['environment']['threads']} thread(s)).",
+        timing_line(results),
     ]
     return "\n".join(lines)

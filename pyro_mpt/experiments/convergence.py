@@ -37,6 +37,7 @@ from ._report import (
     loglog_slope,
     markdown_table,
     single_threaded,
+    timing_line,
     write_results,
 )
 
@@ -208,8 +209,6 @@ def format_markdown(results: dict) -> str:
             "",
             *[f"![{name}]({name})" for name in results["figures"]],
             "",
-            f"Wall time {results['wall_time_s']:.0f} s "
-            f"(torch {results['environment']['torch']}, "
-            f"{results['environment']['threads']} thread(s)).",
+            timing_line(results),
         ]
     )

@@ -39,9 +39,9 @@ from ..evaluate import importance_log_marginal, mpt_log_marginal
 from ..infer import MaskedPretrainingELBO
 from ..masks import Cumulative, Stratified
 from ..models import BernoulliLatentGuide, BernoulliLatentModel
-from ..models.fitting import fit as fit_model
-from ..training import fit
-from ._report import Timer, markdown_table, single_threaded, write_results
+from ..models import fit as fit_model
+from ..training import minimize
+from ._report import Timer, markdown_table, single_threaded, timing_line, write_results
 
 __all__ = ["run", "fitted_model_and_encoder"]
 
@@ -64,7 +64,7 @@ def fitted_model_and_encoder(
     """
     size = data.shape[-1]
     model = BernoulliLatentModel(size, generator=torch.Generator().manual_seed(seed))
-    fit(
+    minimize(
         lambda: -model.log_marginal(data, grid_size=grid_size).mean(),
         model.parameters(), steps=epochs, lr=0.1, progress=progress, desc="model (LML)",
     )  # fmt: skip
@@ -355,7 +355,6 @@ def format_markdown(results: dict) -> str:
         "masked predictions themselves (fixed-rate scores, the curve S(x; m)), or for "
         "Gaussian sites, whose conditionals are exact.",
         "",
-        f"Wall time {results['wall_time_s']:.0f} s (torch {results['environment']['torch']}, "
-        f"{results['environment']['threads']} thread(s)).",
+        timing_line(results),
     ]
     return "\n".join(lines)

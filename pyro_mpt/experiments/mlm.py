@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..mlm import DEFAULT_RATES, MLMCurve, mlm_curve, mlm_score, train_wordpiece_tokenizer
+from ._report import Timer, environment, timing_line
 
 __all__ = ["english_corpus", "run"]
 
@@ -372,6 +373,8 @@ def _markdown(results: dict) -> str:
         "![MPT curve](mlm_curve.png)",
         "",
     ]
+    if "timing" in results:
+        rows += [timing_line(results), ""]
     return "\n".join(rows)
 
 
@@ -402,7 +405,7 @@ def run(
         >>> results["checks"]["trained_beats_untrained"]  # doctest: +SKIP
         True
     """
-    start, cpu_start = time.perf_counter(), time.process_time()
+    timer = Timer()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = _settings(full)
@@ -468,9 +471,11 @@ def run(
             - results["trained"]["area_per_token"],
         },
     )
-    results["total_seconds"] = time.perf_counter() - start
     # CPU time says what the run costs on an idle machine; wall time includes waiting for cores.
-    results["cpu_seconds"] = time.process_time() - cpu_start
+    results["timing"] = timer.summary()
+    results["total_seconds"] = results["timing"]["wall_time_s"]
+    results["cpu_seconds"] = results["timing"]["cpu_time_s"]
+    results["environment"] = environment()
     _plot(out / "mlm_curve.png", rates, results, log_vocab)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(_markdown(results))

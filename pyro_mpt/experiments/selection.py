@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..gp import ConditionalMarginalLogLikelihood
-from ._report import Timer, markdown_table, single_threaded, write_results
+from ._report import Timer, markdown_table, single_threaded, timing_line, write_results
 
 __all__ = ["run", "load_data", "OBJECTIVES", "MODELS", "DATASETS"]
 
@@ -108,7 +108,7 @@ def _objective(name: str, likelihood, model, generator: torch.Generator):
     )
 
 
-def fit(objective: str, deep: bool, train_x, train_y, seed: int, steps: int, lr: float):
+def _fit_gp(objective: str, deep: bool, train_x, train_y, seed: int, steps: int, lr: float):
     """Train one GP by one objective; returns ``(model, likelihood, seconds)``."""
     torch.manual_seed(seed)  # the MLP's initialisation
     likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
@@ -220,7 +220,7 @@ def _run(
         train, test = order[:num_train], order[num_train : num_train + num_test]
         deep = model_name == "deep-kernel GP"
         for objective in objectives:
-            model, likelihood, seconds = fit(
+            model, likelihood, seconds = _fit_gp(
                 objective, deep, x[train], y[train], run_seed, steps, lr
             )
             nll, rmse = predictive_scores(model, likelihood, x[test], y[test])
@@ -347,7 +347,6 @@ def format_markdown(results: dict) -> str:
             variance_rows,
         ),
         "",
-        f"Wall time {results['wall_time_s']:.0f} s (torch {results['environment']['torch']}, "
-        f"{results['environment']['threads']} thread(s)).",
+        timing_line(results),
     ]
     return "\n".join(lines)

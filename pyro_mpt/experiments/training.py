@@ -20,6 +20,9 @@ the LML over :math:`W` is in closed form (Tipping & Bishop, 1999): with :math:`S
 
 Reference: Moreno-Muñoz, Recasens, Hauberg, "On Masked Pre-training and the Marginal Likelihood",
 NeurIPS 2023, Fig. 4.
+
+The module is named after the experiment (``pyro-mpt reproduce training``); the optimisation loop
+it runs is :func:`pyro_mpt.training.minimize`.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ from ..masks import Cumulative, FixedRate, MaskScheme
 from ..models import PPCA
 from ..plots import plot_training_curves
 from ..scoring import mpt_score
-from ..training import fit
-from ._report import Timer, markdown_table, single_threaded, write_results
+from ..training import minimize
+from ._report import Timer, markdown_table, single_threaded, timing_line, write_results
 
 __all__ = ["run", "closed_form_loading"]
 
@@ -80,7 +83,7 @@ def _train(model: PPCA, data, masks, steps, lr, generator, track_every, progress
 
     # Only W is learned: the noise stays at its true value, as in the paper.
     loading = [p for name, p in model.named_parameters() if name.startswith("cov_factor")]
-    return fit(
+    return minimize(
         loss, loading, steps=steps, lr=lr,
         track=lambda: model.log_marginal(data).mean(),
         track_every=track_every, progress=progress, desc=desc,
@@ -245,7 +248,6 @@ def format_markdown(results: dict) -> str:
             "",
             "![training](training.png)",
             "",
-            f"Wall time {results['wall_time_s']:.0f} s (torch {results['environment']['torch']}, "
-            f"{results['environment']['threads']} thread(s)).",
+            timing_line(results),
         ]
     )

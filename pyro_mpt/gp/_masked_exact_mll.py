@@ -6,14 +6,17 @@ For an exact GP with a Gaussian likelihood the targets are jointly Gaussian,
 has an exact predictive :math:`p(y_j \mid \mathbf y_R)` given the unmasked ones. All masks of a call
 share one Cholesky factor :math:`\mathbf L` of the covariance, computed by the likelihood's
 ``linear_operator`` exactly as :class:`gpytorch.mlls.ExactMarginalLogLikelihood` and
-:class:`gpytorch.mlls.LeaveOneOutPseudoLikelihood` compute it; the conditioning itself is
-:func:`pyro_mpt.gaussian.full_rank_conditionals`, the same code the Pyro objectives use.
+:class:`gpytorch.mlls.LeaveOneOutPseudoLikelihood` compute it. The objectives score the masks
+with :func:`~pyro_mpt.gp._masked_gaussian_score.masked_gaussian_log_prob_sums`, whose gradient
+with respect to the covariance is in closed form (no backward pass through a Cholesky factor);
+:meth:`MaskedExactMLL.conditionals` returns the predictive means and variances through
+:func:`pyro_mpt.gaussian.full_rank_conditionals`, the code the Pyro objectives use.
 
 **Jitter.** When the first factorisation fails, ``linear_operator``'s ``psd_safe_cholesky`` retries
 with growing jitter on the diagonal (``gpytorch.settings.cholesky_jitter``), so :math:`\mathbf L`
 factorises :math:`\boldsymbol\Sigma + \mathbf D`, not :math:`\boldsymbol\Sigma`. GPyTorch's own
-objectives then score that matrix, and so do these: the conditionals are computed from
-:math:`\mathbf L` alone, i.e. they condition on :math:`\mathbf L \mathbf L^\top`.
+objectives then score that matrix, and so do these: they condition on
+:math:`\mathbf L \mathbf L^\top`.
 
 **Size.** The factorisation is a dense Cholesky at every n (:math:`O(n^3)` time, :math:`O(n^2)`
 memory). Above ``gpytorch.settings.max_cholesky_size`` (800) ``ExactMarginalLogLikelihood``
@@ -38,20 +41,22 @@ from gpytorch.models import ExactGP
 from linear_operator.operators import MaskedLinearOperator
 from torch import Tensor
 
-from ..gaussian import full_rank_conditionals, normal_log_prob
+from ..gaussian import full_rank_conditionals
 from ..masks import MaskSample, _check_generator
 from ..threads import limit_threads_in_backward, limited_threads
+from ._masked_gaussian_score import masked_gaussian_log_prob_sums
 
 __all__ = ["MaskedExactMLL", "Observations"]
 
 
 class Observations(NamedTuple):
     """The targets as one flat Gaussian vector, ``value ~ N(loc, scale_tril scale_tril^T)``:
-    the factor GPyTorch computed, jitter included."""
+    the factor GPyTorch computed, jitter included, and the dense ``covariance`` it factorised."""
 
     loc: Tensor
     value: Tensor
     scale_tril: Tensor
+    covariance: Tensor
 
     @property
     def size(self) -> int:
@@ -99,7 +104,12 @@ class MaskedExactMLL(ExactMarginalLogLikelihood):
     def masked_sums(self, observations: Observations, draw: MaskSample) -> Tensor:
         r"""Per-draw :math:`\sum_{j \in M_s} \log p(y_j \mid \mathbf y_{R_s})`, ``(S, *batch)``:
         what ``draw``'s weights sum (override for other per-draw scores)."""
-        return normal_log_prob(*_conditionals(observations, draw.masks), draw.masks).sum(-1)
+        return masked_gaussian_log_prob_sums(
+            observations.covariance,
+            observations.scale_tril,
+            observations.value - observations.loc,
+            draw.masks,
+        )
 
     def num_scored(self, function_dist: MultivariateNormal, observations: Observations) -> int:
         """The divisor of the objective: n, as in ``ExactMarginalLogLikelihood``."""
@@ -223,7 +233,9 @@ def _observations(output: MultivariateNormal, target: Tensor) -> Observations:
         covariance = MaskedLinearOperator(covariance, observed, observed)
         value, loc = value[..., observed], loc[..., observed]
     # GPyTorch's own factor (its jitter settings, warnings and cache): the matrix conditioned on.
-    return Observations(loc, value, covariance.cholesky(upper=False).to_dense())
+    return Observations(
+        loc, value, covariance.cholesky(upper=False).to_dense(), covariance.to_dense()
+    )
 
 
 def _check_target(output: MultivariateNormal, target) -> None:

@@ -257,8 +257,9 @@ class ConditionalMarginalLogLikelihood(MaskedExactMLL):
         sizes = torch.full((self.num_draws, *batch_shape), size)
         masks = masks_of_sizes(sizes, event_size, self.generator).to(device)
         weights = torch.full(sizes.shape, 1.0 / self.num_draws, dtype=dtype, device=device)
-        return MaskSample(masks, weights, torch.zeros(self.num_draws, dtype=torch.long,
-                                                      device=device))
+        return MaskSample(
+            masks, weights, torch.zeros(self.num_draws, dtype=torch.long, device=device)
+        )
 
     def masked_sums(self, observations: Observations, draw: MaskSample) -> Tensor:
         """Per-draw log-densities to sum with ``draw``'s weights: the held-out block's joint
@@ -271,8 +272,9 @@ class ConditionalMarginalLogLikelihood(MaskedExactMLL):
         """The divisor: p, the number of held-out points (Lotfi et al.'s scale)."""
         return self.held_out_size(observations.size)
 
-    def estimate(self, function_dist: MultivariateNormal, target: Tensor, *params,
-                 **kwargs) -> MPTEstimate:
+    def estimate(
+        self, function_dist: MultivariateNormal, target: Tensor, *params, **kwargs
+    ) -> MPTEstimate:
         r""":math:`\widehat{\mathrm{CLML}}_p` (a sum over the p held-out points, no priors, not
         divided) with its Monte-Carlo standard error, one value per batch element.
 
@@ -298,8 +300,9 @@ class ConditionalMarginalLogLikelihood(MaskedExactMLL):
         draw, contributions = self.contributions(function_dist, target, *params, **kwargs)
         return draw.estimate(contributions, summed=True)
 
-    def contributions(self, function_dist: MultivariateNormal, target: Tensor, *params,
-                      **kwargs) -> tuple[MaskSample, Tensor]:
+    def contributions(
+        self, function_dist: MultivariateNormal, target: Tensor, *params, **kwargs
+    ) -> tuple[MaskSample, Tensor]:
         """The draw (held-out sets or masks) and its per-draw log-densities ``(S, *batch)``:
         ``draw.estimate(contributions, summed=True)`` is :meth:`estimate`. Two models scored with
         generators seeded alike get the same draw (common random numbers), so the estimate of

@@ -4,8 +4,9 @@ r"""Per-row evidence :math:`\log p(x_n)` of Pyro models with local latents, by t
   :math:`\sum_s w_s \sum_{j \in M_s} \log \hat p(x_{nj} \mid x_{nR_s})` with the conditionals from
   :class:`~pyro_mpt.infer.MaskedPretrainingELBO`'s own path (exact for Gaussian sites,
   self-normalised importance sampling against :math:`p(z \mid x_R)` for local latents, with the
-  prior adapted or the guide as proposal). One implementation: it runs the ELBO and reads the
-  masked sums it records, so that what is scored is what is trained.
+  prior adapted or the guide as proposal). One implementation: the masked sums are the ELBO's
+  own (:meth:`~pyro_mpt.infer.MaskedPretrainingELBO.site_estimates`), so that what is scored is
+  what is trained.
 * :func:`importance_log_marginal`: plain importance sampling per row,
   :math:`\log \frac1K \sum_k p(x_n, z_k) / q(z_k \mid x_n)` with :math:`z_k \sim q(z \mid x_n)`,
   from Pyro's :func:`~pyro.infer.importance.vectorized_importance_weights` (what
@@ -149,10 +150,10 @@ def mpt_log_marginal(
 ) -> MPTEstimate:
     r"""Masked pre-training estimate of :math:`\log p(x_n)` per row, with its standard error.
 
-    The conditionals are :class:`~pyro_mpt.infer.MaskedPretrainingELBO`'s (the ELBO is run and
-    its recorded masked sums are read), so a model with local latents is scored through the same
-    self-normalised importance sampling it is trained with. The masks are drawn once by the
-    scheme and fed to the ELBO in chunks small enough to fit in memory.
+    The conditionals are :class:`~pyro_mpt.infer.MaskedPretrainingELBO`'s
+    (:meth:`~pyro_mpt.infer.MaskedPretrainingELBO.site_estimates`), so a model with local latents
+    is scored through the same self-normalised importance sampling it is trained with. The masks
+    are drawn once by the scheme and fed to the ELBO in chunks small enough to fit in memory.
 
     Args:
         model: a Pyro model; its one observed site (or ``site``) is scored. Every latent must be
@@ -211,8 +212,8 @@ def mpt_log_marginal(
         proposal_guide = _no_guide if guide is None else guide
         sums = []
         while not given.done:
-            for _ in elbo._get_traces(model, proposal_guide, args, kwargs):
-                sums.append(elbo.masked_sums[name][1])
+            _, chunk_sums = elbo.site_estimates(model, proposal_guide, *args, **kwargs)[name]
+            sums.append(chunk_sums)
         return draw.estimate(torch.cat(sums), reduction=reduction, summed=True)
 
 

@@ -271,10 +271,6 @@ class MaskedPretrainingELBO(ELBO):
         #: Effective sample size of the importance weights per site, ``(S, *batch)``, from the
         #: last call (sites with local latents only).
         self.effective_sample_size: dict[str, torch.Tensor] = {}
-        #: Per site, the masks of the last call and the masked sums of conditionals
-        #: :math:`\sum_{j \in M_s} \log \hat p(x_j \mid x_{R_s})`, ``(S, *batch)`` (sites whose
-        #: estimate is the plain log-likelihood have none).
-        self.masked_sums: dict[str, tuple[MaskSample, torch.Tensor]] = {}
         self._warned_unused_guide = False
         self._warned_ess = False
 
@@ -339,7 +335,9 @@ class MaskedPretrainingELBO(ELBO):
         """One guide trace and the model replayed against it, with MPT terms at observed sites.
 
         Returns ``(model_trace, guide_trace, local_sites)``; each observed site carries
-        ``"mpt_log_prob"`` (scaled and masked, shape of its batch) and ``"mpt_log_prob_sum"``.
+        ``"mpt_log_prob"`` (scaled and masked, shape of its batch) and ``"mpt_log_prob_sum"``,
+        and the draw and its per-draw masked sums (``"mpt_draw"``, ``"mpt_masked_sums"``, scaled
+        and masked, ``(S, *batch)``) that :meth:`site_estimates` returns.
         """
         if isinstance(poutine.unwrap(guide), poutine.messenger.Messenger):
             raise NotImplementedError(
@@ -395,10 +393,14 @@ class MaskedPretrainingELBO(ELBO):
                     name, site, value, local[name], integrated, model, guide, args, kwargs,
                     full_model_trace, full_guide_trace, nesting,
                 )
-            if isinstance(estimate, tuple):  # a guide proposal and its wake-phi objective
-                estimate, wake = estimate
+            if len(estimate) == 3:  # a guide proposal and its wake-phi objective
+                draw, sums, wake = estimate
                 site["mpt_wake"] = scale_and_mask(wake, site["scale"], row_mask(site)).sum()
-            site["mpt_log_prob"] = scale_and_mask(estimate, site["scale"], row_mask(site))
+            else:
+                draw, sums = estimate
+            site["mpt_draw"] = draw
+            site["mpt_masked_sums"] = scale_and_mask(sums, site["scale"], row_mask(site))
+            site["mpt_log_prob"] = draw.weighted_sums(site["mpt_masked_sums"], summed=True).sum(0)
             site["mpt_log_prob_sum"] = site["mpt_log_prob"].sum()
             if is_validation_enabled():
                 warn_if_nan(site["mpt_log_prob_sum"], f"masked pre-training term at site '{name}'")
@@ -448,27 +450,33 @@ class MaskedPretrainingELBO(ELBO):
         noise = keyed_normal(keys, proposal.event_shape[-1]).to(proposal.loc)
         return proposal.loc + (proposal.scale_tril @ noise.unsqueeze(-1)).squeeze(-1)
 
-    def _exact_conditional_term(self, name: str, site: dict, value: torch.Tensor) -> torch.Tensor:
-        """Sites without local latents: exact Gaussian conditionals, or factorised marginals."""
+    def _exact_conditional_term(self, name: str, site: dict, value: torch.Tensor):
+        """Sites without local latents: exact Gaussian conditionals, or factorised marginals.
+        Returns the draw and its per-draw masked sums ``(S, *batch)``."""
         fn = unmasked_fn(site)
         if is_collapsed_gaussian(fn):
             value = as_value(fn, value)
             batch_shape = torch.broadcast_shapes(value.shape[:-1], fn.batch_shape)
             draw = self._draw(value.shape[-1], batch_shape, value)
             conditionals = masked_conditional_log_prob(fn, value, draw.masks)  # zero where unmasked
-            return self._estimate(name, draw, conditionals.sum(-1))
+            return draw, conditionals.sum(-1)
         if not is_factorised(fn):
             raise TypeError(
                 f"observed site '{name}' has an unsupported distribution {type(fn).__name__}; "
                 f"MaskedPretrainingELBO supports {_SUPPORTED}"
             )
         if targets_log_marginal(self.masks):
-            # Conditionals equal marginals, so the scheme's expectation is the log-likelihood.
-            return fn.log_prob(value)
+            # Conditionals equal marginals, so the scheme's expectation is the log-likelihood:
+            # one exact "draw" that predicts every dimension from nothing.
+            log_prob = fn.log_prob(value)
+            size = value.shape[-1] if fn.event_dim else 1
+            masks = torch.ones((1, *log_prob.shape, size), dtype=torch.bool, device=value.device)
+            ones = torch.ones((1, *log_prob.shape), dtype=log_prob.dtype, device=value.device)
+            strata = torch.zeros(1, dtype=torch.long, device=value.device)
+            return MaskSample(masks, ones, strata, exact=True), log_prob.unsqueeze(0)
         per_dim = per_dimension_log_prob(fn, value)
         draw = self._draw(per_dim.shape[-1], per_dim.shape[:-1], per_dim)
-        masked = torch.where(draw.masks, per_dim, torch.zeros_like(per_dim)).sum(-1)
-        return self._estimate(name, draw, masked)
+        return draw, torch.where(draw.masks, per_dim, torch.zeros_like(per_dim)).sum(-1)
 
     def _prior_particles(self, model, args, kwargs, full_model_trace, all_local, nesting):
         """The model re-run with K prior particles of every local latent, in one trace."""
@@ -493,7 +501,7 @@ class MaskedPretrainingELBO(ELBO):
     def _prior_proposal_term(
         self, name, site, value, particles, local, model, args, kwargs,
         full_model_trace, integrated, nesting,
-    ) -> torch.Tensor:
+    ) -> tuple[MaskSample, torch.Tensor]:
         """SNIS conditionals given the visible part: prior particles, then ``adapt_steps`` rounds
         of Gaussian proposals fitted to the weighted particles of each mask and row."""
         per_dim = per_dimension_log_prob(self._factorised_fn(name, site, ()), value)
@@ -532,7 +540,7 @@ class MaskedPretrainingELBO(ELBO):
         log_w = importance_log_weights(log_lik, draw.masks, log_weights)
         self._record_ess(name, log_w)
         conditionals = weighted_conditional_log_prob(log_w, log_lik, draw.masks)
-        return self._estimate(name, draw, conditionals.sum(-1))
+        return draw, conditionals.sum(-1)
 
     def _trace_at(self, model, args, kwargs, full_model_trace, integrated, nesting, batch_shape,
                   latents):
@@ -553,13 +561,6 @@ class MaskedPretrainingELBO(ELBO):
             conditioned = poutine.condition(poutine.replay(model, trace=replay), data=values)
             return poutine.trace(conditioned).get_trace(*args, **kwargs)
 
-    def _estimate(self, name: str, draw: MaskSample, masked_sums: torch.Tensor) -> torch.Tensor:
-        """The scheme's estimate per row from the masked sums ``(S, *batch)`` of a site; the draw
-        and the sums are kept in :attr:`masked_sums` (what :mod:`pyro_mpt.evaluate` needs for a
-        standard error)."""
-        self.masked_sums[name] = (draw, masked_sums.detach())
-        return draw.weighted_sums(masked_sums, summed=True).sum(0)
-
     def _record_ess(self, name: str, log_weights: torch.Tensor) -> None:
         ess = effective_sample_size(log_weights).detach()
         self.effective_sample_size[name] = ess
@@ -578,8 +579,9 @@ class MaskedPretrainingELBO(ELBO):
     def _guide_proposal_term(
         self, name, site, value, local, integrated, model, guide, args, kwargs,
         full_model_trace, full_guide_trace, nesting,
-    ) -> torch.Tensor:
-        """SNIS conditionals given the visible part, with the guide (reading x_R) as proposal."""
+    ) -> tuple[MaskSample, torch.Tensor, torch.Tensor]:
+        """SNIS conditionals given the visible part, with the guide (reading x_R) as proposal;
+        the draw, its per-draw masked sums and the wake-phi objective."""
         per_dim = per_dimension_log_prob(self._factorised_fn(name, site, local), value)
         batch_shape, size = per_dim.shape[:-1], per_dim.shape[-1]
         draw = self._draw(size, batch_shape, per_dim)
@@ -641,7 +643,7 @@ class MaskedPretrainingELBO(ELBO):
         # Reweighted wake-sleep, wake-phi: sum_k wbar_k log q(z_k | x_R) with detached weights,
         # the SNIS estimate of -KL(p(z | x_R) || q(z | x_R)) up to a constant (per mask and row).
         wake = (log_w.detach().exp() * log_q).sum((0, 1))
-        return self._estimate(name, draw, conditionals.sum(-1)), wake
+        return draw, conditionals.sum(-1), wake
 
     # ------------------------------------------------------------------------------ estimators
     def _differentiable_loss_particle(self, model_trace, guide_trace, local):
@@ -674,6 +676,39 @@ class MaskedPretrainingELBO(ELBO):
                     surrogate_elbo_particle + (downstream * score_function_term).sum()
                 )
         return -elbo_particle, -surrogate_elbo_particle
+
+    def site_estimates(self, model, guide, *args, **kwargs) -> dict[str, tuple[MaskSample,
+                                                                               torch.Tensor]]:
+        r"""Per observed site, one particle's masked pre-training estimate before it is summed:
+        the draw and its per-draw masked sums :math:`\sum_{j \in M_s} \log \hat p(x_j \mid
+        x_{R_s})`, shape ``(S, *batch)`` (scaled and masked as the site is), so that
+        ``draw.estimate(sums, reduction="sum", summed=True)`` is the site's term of the loss with
+        its Monte-Carlo standard error (masks only: the importance-sampling bias of local
+        latents is not in it). Without global latents (an empty guide) the sum over sites
+        estimates :math:`\log p(x)` for schemes that target it. Sites whose conditionals are
+        their marginals get one exact draw. Advances :attr:`step` like a loss call.
+
+        Example:
+            >>> import pyro.distributions as dist
+            >>> from pyro_mpt.masks import Stratified
+            >>> cov = torch.eye(3) + 0.5
+            >>> def model(x):
+            ...     with pyro.plate("data", len(x)):
+            ...         pyro.sample("x", dist.MultivariateNormal(torch.zeros(3), cov), obs=x)
+            >>> x = torch.randn(10, 3)
+            >>> elbo = MaskedPretrainingELBO(Stratified(), num_masks=2, seed=0)
+            >>> draw, sums = elbo.site_estimates(model, lambda x: None, x)["x"]
+            >>> est = draw.estimate(sums, reduction="sum", summed=True)
+            >>> exact = dist.MultivariateNormal(torch.zeros(3), cov).log_prob(x).sum()
+            >>> bool(abs(est.mean - exact) < 4 * est.stderr)
+            True
+        """
+        if self.num_particles != 1 or self.vectorize_particles:
+            raise ValueError("site_estimates needs num_particles=1 and vectorize_particles=False")
+        with torch.no_grad(), limited_threads():
+            model_trace, _, _ = next(iter(self._get_traces(model, guide, args, kwargs)))
+        return {name: (site["mpt_draw"], site["mpt_masked_sums"])
+                for name, site in model_trace.nodes.items() if "mpt_draw" in site}
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """An estimate of the loss (negative MPT-ELBO) from ``num_particles`` particles.

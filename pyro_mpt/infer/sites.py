@@ -20,6 +20,8 @@ from pyro.distributions import Unit
 from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.infer.autoguide import AutoContinuous, AutoGuideList
 
+from ..gaussian import _all_finite
+
 __all__ = [
     "is_data",
     "data_sites",
@@ -99,11 +101,9 @@ def data_sites(model_trace, guide_trace) -> list[str]:
 def observed_value(name: str, site) -> torch.Tensor:
     """The observation, with NaN allowed (and zeroed) only in rows that are masked out."""
     value = site["value"]
-    if not value.is_floating_point():
+    if not value.is_floating_point() or _all_finite(value):
         return value
     missing = ~torch.isfinite(value)
-    if not bool(missing.any()):
-        return value
     masked_rows = row_mask(site)
     event_dims = unmasked_fn(site).event_dim
     missing_rows = missing.flatten(value.dim() - event_dims).any(-1) if event_dims else missing

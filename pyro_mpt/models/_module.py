@@ -22,6 +22,8 @@ from typing import Any
 
 from pyro.nn import PyroModule
 
+__all__ = ["InstanceModule"]
+
 # One counter for every class, so that names are unique even for two classes that share a
 # ``__name__`` (a user's subclass ``PPCA`` of ours). ``next`` on ``itertools.count`` is atomic.
 _instances = itertools.count()

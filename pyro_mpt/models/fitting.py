@@ -1,8 +1,9 @@
 """Fit any model of :mod:`pyro_mpt.models` by exact LML, Trace_ELBO or masked pre-training.
 
 One helper for the CLI, tutorials and experiments, so that every objective is run the same way
-(Adam with a cosine-annealed learning rate, :func:`pyro_mpt.training.fit`) and scored the same way
-(the model's own ``log_marginal``: exact where closed form, quadrature for the Bernoulli model).
+(Adam with a cosine-annealed learning rate, :func:`pyro_mpt.training.minimize`) and scored the
+same way (the model's own ``log_marginal``: exact where closed form, quadrature for the Bernoulli
+model).
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from pyro.infer import ELBO, Trace_ELBO
 
 from ..infer import MaskedPretrainingELBO
 from ..masks import MaskScheme
-from ..training import FitResult, fit_svi
-from ..training import fit as fit_loss
+from ..training import FitResult, fit_svi, minimize
 
 __all__ = ["fit", "no_guide"]
 
@@ -98,7 +98,7 @@ def fit(
     if objective == "exact":
         if batch_size is not None:
             raise ValueError("batch_size is for the stochastic objectives, not objective='exact'")
-        return fit_loss(
+        return minimize(
             lambda: -model.log_marginal(*args).sum() / num_data,
             model.parameters(),
             steps=steps,
