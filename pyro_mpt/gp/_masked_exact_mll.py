@@ -39,6 +39,7 @@ from gpytorch.likelihoods import _GaussianLikelihoodBase
 from gpytorch.mlls import ExactMarginalLogLikelihood
 from gpytorch.models import ExactGP
 from linear_operator.operators import MaskedLinearOperator
+from linear_operator.utils.cholesky import psd_safe_cholesky
 from torch import Tensor
 
 from ..gaussian import full_rank_conditionals
@@ -179,12 +180,12 @@ class MaskedExactMLL(ExactMarginalLogLikelihood):
             One value per element of the GP's batch shape (a new draw of masks on every call).
         """
         _check_function_dist(function_dist)
-        with limited_threads():
+        with limited_threads(dense=True):
             observations, draw, sums = self._draw_and_sum(function_dist, target, *params, **kwargs)
             res = draw.weighted_sums(sums, summed=True).sum(0)
             res = self._add_other_terms(res, params)
             res = res.div_(self.num_scored(function_dist, observations))
-        return limit_threads_in_backward(res)
+        return limit_threads_in_backward(res, dense=True)
 
 
 def _check_function_dist(function_dist) -> None:
@@ -232,10 +233,9 @@ def _observations(output: MultivariateNormal, target: Tensor) -> Observations:
             raise ValueError("target has no observed (non-NaN) entry")
         covariance = MaskedLinearOperator(covariance, observed, observed)
         value, loc = value[..., observed], loc[..., observed]
-    # GPyTorch's own factor (its jitter settings, warnings and cache): the matrix conditioned on.
-    return Observations(
-        loc, value, covariance.cholesky(upper=False).to_dense(), covariance.to_dense()
-    )
+    # GPyTorch's factorisation (its jitter settings and warnings) of the matrix, evaluated once.
+    dense = covariance.to_dense()
+    return Observations(loc, value, psd_safe_cholesky(dense), dense)
 
 
 def _check_target(output: MultivariateNormal, target) -> None:

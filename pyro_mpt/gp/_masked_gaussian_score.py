@@ -100,9 +100,12 @@ def masked_gaussian_log_prob_sums(
     return torch.stack(sums, -1).reshape(masks.shape[0], *batch)
 
 
-def _condition_estimate(factor: Tensor, iterations: int = 8) -> float:
+def _condition_estimate(factor: Tensor, iterations: int = 4) -> float:
     r""":math:`\mathrm{cond}(\mathbf L \mathbf L^\top)` by power iteration on the matrix and its
-    inverse (triangular products and solves, :math:`O(n^2)` each; a slight under-estimate)."""
+    inverse (triangular products and solves, :math:`O(n^2)` each). An under-estimate: 0.77-0.98
+    of the true value on RBF kernel matrices (n = 12-2000, noise 1e-5-1), enough to tell
+    :math:`\kappa\epsilon` from the threshold; each iteration reads the factor four times, which
+    at n = 500 costs as much as a Cholesky."""
     start = torch.randn(
         factor.shape[-1], 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64
     ).to(factor)

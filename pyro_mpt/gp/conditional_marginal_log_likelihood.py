@@ -308,6 +308,6 @@ class ConditionalMarginalLogLikelihood(MaskedExactMLL):
         generators seeded alike get the same draw (common random numbers), so the estimate of
         their difference, ``draw.estimate(a - b, summed=True)``, has a paired standard error."""
         _check_function_dist(function_dist)
-        with limited_threads():
+        with limited_threads(dense=True):
             _, draw, sums = self._draw_and_sum(function_dist, target, *params, **kwargs)
             return draw, sums
