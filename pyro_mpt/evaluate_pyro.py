@@ -22,7 +22,7 @@ depends on the latents (a latent is *local* when it sits in every plate of the o
 * **local latents only** (rows independent given the parameters): LML from the model's own
   ``log_marginal`` when it has one (``exact``), else the MPT estimate (``mpt``): stratified masks
   per row, each conditional :math:`p(x_j \mid x_R)` by self-normalised importance sampling
-  (SNIS) with the adaptive proposals of :class:`~pyro_mpt.infer.MaskedPretrainingELBO`
+  (SNIS) with the Laplace proposals of :class:`~pyro_mpt.infer.MaskedPretrainingELBO`
   (:meth:`~pyro_mpt.infer.MaskedPretrainingELBO.site_estimates`); CLML by the same SNIS on the
   common masks (``snis``); the ELBO from guide draws when a guide is given;
 * **global latents** :math:`\theta` **with a guide** q: LML from ``log_marginal`` when there is
@@ -35,9 +35,10 @@ depends on the latents (a latent is *local* when it sits in every plate of the o
 
 MPT is not estimated for global latents: a guide fitted to :math:`p(\theta \mid \mathbf y)` is no
 proposal for :math:`p(\theta \mid \mathbf y_R)` when most of :math:`\mathbf y` is masked (the
-importance-sampled LML is the estimate there). The SNIS conditionals are consistent, with a bias
-of order 1/K (K particles) that the standard errors (Monte-Carlo over masks, or over importance
-draws) do not include; ``clml_ess`` reports the smallest effective sample size over masks.
+importance-sampled LML is the estimate there). The SNIS conditionals are consistent; their
+first-order bias is removed, and what is left, of order 1/K^2 (K particles), the standard errors
+(Monte-Carlo over masks, or over importance draws) do not include; ``clml_ess`` reports the
+smallest effective sample size over masks.
 
 **Leave-one-out** is over *observations*: the rows of the observed site (its batch entries,
 event dimensions summed), or for a site that is one event (a regression's N targets observed
@@ -429,7 +430,8 @@ def evaluate_pyro_models(
             every row), at least 2 for a standard error.
         num_draws: guide draws (ELBO, PSIS-LOO, importance-sampled LML, SNIS CLML).
         seed: seed of every common random number (masks, importance particles, guide draws).
-        num_importance_samples: K, importance particles per row and mask for local latents.
+        num_importance_samples: K, importance particles per row and mask for local latents
+            (fixed: the draws are keyed by ``seed``, common to every model).
 
     Returns:
         One dict per model, in the order given: ``model``, ``n`` (values), ``lml``,

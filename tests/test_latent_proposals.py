@@ -2,6 +2,7 @@
 proposals that are not the prior, and the wake-phi update that trains a guide proposal."""
 
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -50,25 +51,23 @@ def latent_ppca():
 
 
 def test_default_settings_estimate_the_lml_of_latent_ppca(latent_ppca):
-    """Default settings: off by -0.008 nats per row on average (s.d. 0.009 for the mean of 4
-    draws, 12 seeds). Prior particles alone (adapt_steps=0, K = 256) were off by 0.25-1.46 nats
-    per row here (16 seeds, median 1.2): heavy-tailed, hence two draws below."""
+    """Default settings: off by +0.025 nats per row on average (s.d. 0.009 for the mean of 4
+    draws, 12 seeds, worst 0.042). K = 256 prior particles were off by 0.08-0.69 nats per row
+    (8 draws): the same check fails them."""
     model, x, exact_loss, _ = latent_ppca
     exact = exact_loss().item()
     # Exhaustive masks: no mask noise, so what remains is the importance-sampling error.
     losses = [MaskedPretrainingELBO(masks=Exhaustive()).loss(model, lambda x: None, x)
               for _ in range(4)]
     assert abs(sum(losses) / len(losses) - exact) / N < 0.05
-    prior_only = MaskedPretrainingELBO(masks=Exhaustive(), adapt_steps=0)
-    with pytest.warns(UserWarning, match="collapsed"):
-        biased = prior_only.loss(model, lambda x: None, x)
-    biased = (biased + prior_only.loss(model, lambda x: None, x)) / 2  # heavy-tailed: two draws
-    assert (biased - exact) / N > 0.3  # what the adaptation fixes: the test can see it
+    prior_only = MaskedPretrainingELBO(masks=Exhaustive(), proposal="prior",
+                                       num_importance_samples=256)
+    biased = [prior_only.loss(model, lambda x: None, x) for _ in range(2)]
+    assert (sum(biased) / 2 - exact) / N > 0.05
 
 
 def test_expected_gradient_aligns_with_the_exact_lml_gradient(latent_ppca):
-    """Measured: cosine 0.999; prior particles alone: cosine 0.971 and dLoss/dlog(sigma) -446
-    where the exact is -306."""
+    """Measured: cosine 0.9987 (K grew to 512 on this small problem)."""
     model, x, exact_loss, params = latent_ppca
     exact = torch.cat([g.flatten() for g in torch.autograd.grad(exact_loss(), params)])
     elbo = MaskedPretrainingELBO(generator=torch.Generator().manual_seed(0))
@@ -84,8 +83,8 @@ def test_effective_sample_size_is_reported_per_site(latent_ppca):
     model, x, _, _ = latent_ppca
     elbo = MaskedPretrainingELBO(num_importance_samples=64)
     elbo.loss(model, lambda x: None, x)
-    ess = elbo.effective_sample_size["x"]
-    assert ess.shape == (1, N) and bool(((ess >= 1) & (ess <= 64)).all())
+    ess, num = elbo.effective_sample_size["x"], elbo.importance_samples["x"]
+    assert ess.shape == (1, N) and 64 <= num <= 512 and bool(((ess >= 1) & (ess <= num)).all())
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +124,14 @@ def error_per_masked_dimension(draw, estimate, model, x):
 def test_snis_conditionals_match_quadrature_against_the_posterior_given_the_visible_pixels(
     digits_model,
 ):
-    """At the default K (256), with an amortised encoder that is not the prior, the guide-proposal
-    conditionals agree with quadrature against p(z | x_R) within 0.02 nats per masked dimension
-    at every mask size (measured: worst bin 0.011). Without the importance correction p(z) / q(z)
-    they do not: the same check on the ELBO with the correction removed measured 0.088 at sizes
-    57-64 (uniform weights: 0.38), and the test's own uncorrected estimate below 0.083."""
+    """At the default settings, with an amortised encoder that is not the prior, the
+    guide-proposal conditionals agree with quadrature against p(z | x_R) within 0.02 nats per
+    masked dimension at every mask size (measured: worst bin 0.017, K grown from 16 to 128 by
+    the low effective sample size; the fitted encoder itself stops at K = 32, worst bin 0.024:
+    K grows for bias and collapse, not for Monte-Carlo noise, which averages out over rows and
+    steps). Without the importance correction p(z) / q(z) they do not: the same check on the
+    ELBO with the correction removed measured 0.088 at sizes 57-64 (K = 256; uniform weights:
+    0.38), and the test's own uncorrected estimate below 0.083."""
     model, encoder, x = digits_model
     proposal = wrong_encoder(encoder)
     elbo = MaskedPretrainingELBO(masks=Stratified(1), proposal="guide",
@@ -157,6 +159,7 @@ def test_wake_phi_trains_a_guide_proposal_towards_the_posterior():
         model.weight.mul_(8.0)
     guide = BernoulliLatentGuide(64).double()  # starts at the prior
     elbo = MaskedPretrainingELBO(proposal="guide", num_importance_samples=64,
+                                 max_importance_samples=64,
                                  generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.Adam(guide.parameters(), lr=0.02)
     elbo.loss(model, guide, x)
@@ -173,9 +176,8 @@ def test_wake_phi_trains_a_guide_proposal_towards_the_posterior():
 
 @pytest.mark.slow
 def test_training_latent_ppca_recovers_the_noise_mle():
-    """Default settings, z integrated by adaptive importance sampling: sigma within 1% of the
-    closed-form maximum-likelihood value (measured +0.51% after 800 steps; K = 128 ended 1.4%
-    high, the O(1/K) bias of the estimator pushing the noise up)."""
+    """Default settings, z integrated by importance sampling with Laplace proposals: sigma within
+    1% of the closed-form maximum-likelihood value (measured -0.28% after 800 steps)."""
     from pyro_mpt.training import fit_svi
 
     g = torch.Generator().manual_seed(0)
@@ -206,11 +208,11 @@ def test_guide_proposal_training_ends_near_the_quadrature_lml_trained_model():
     """Must-show 2, small (E5 is the full one): the model and its encoder trained together by
     MaskedPretrainingELBO(proposal="guide") alone end within 0.3 nats per datum of the model
     whose quadrature LML is maximised to convergence (L-BFGS), on 3 seeds, each a fresh instance
-    (measured with 100 digits, 1000 epochs, K = 64: 0.12, 0.09 and 0.06 below). Measured
-    failures (600 epochs): the wake-phi sign flipped 4.3-4.7 below, the importance correction
-    p(z)/q(z) dropped 3.1-6.0, uniform weights 3.4-3.8. (Wake-phi switched off, i.e. prior
-    particles, did as well as wake-phi on: here the prior is an adequate proposal at K = 64 for
-    training, so this test does not show what the learned proposal buys; the
+    (measured with 100 digits, 1000 epochs, a fixed K = 64 as in E5: 0.12, 0.09 and 0.06
+    below). Measured failures (600 epochs): the wake-phi sign flipped 4.3-4.7 below, the
+    importance correction p(z)/q(z) dropped 3.1-6.0, uniform weights 3.4-3.8. (Wake-phi switched
+    off, i.e. prior particles, did as well as wake-phi on: here the prior is an adequate proposal
+    at K = 64 for training, so this test does not show what the learned proposal buys; the
     effective-sample-size test above does.)"""
     from pyro_mpt.experiments.binary import maximise_lml
 
@@ -221,8 +223,10 @@ def test_guide_proposal_training_ends_near_the_quadrature_lml_trained_model():
         maximise_lml(reference, x)
         model = BernoulliLatentModel(64, generator=torch.Generator().manual_seed(seed))
         elbo = MaskedPretrainingELBO(proposal="guide", num_importance_samples=64,
+                                     max_importance_samples=64,
                                      generator=torch.Generator().manual_seed(seed))  # fmt: skip
-        with pytest.warns(UserWarning, match="collapsed"):  # the encoder starts at the prior
+        with warnings.catch_warnings():  # the encoder starts at the prior: early collapses
+            warnings.simplefilter("ignore", UserWarning)
             fit(model, x, objective=elbo, guide=BernoulliLatentGuide(64), steps=1000, lr=0.1,
                 seed=seed, progress=False, track=None)  # fmt: skip
         with torch.no_grad():

@@ -145,12 +145,14 @@ fig.tight_layout()
 # `MaskedPretrainingELBO` treats latents that live in the data plate, such as $z_n$, differently:
 # the prediction of a hidden dimension must integrate $z_n$ under its posterior given the *visible*
 # dimensions, $p(x_j \mid x_R) = \int p(x_j \mid z)\, p(z \mid x_R)\, dz$. It does so itself, by
-# self-normalised importance sampling (`num_importance_samples` particles per row): particles
-# from the prior first, then `adapt_steps` rounds of Gaussian proposals fitted to the weighted
-# particles of each row and mask. The guide covers only the global latents, of which there are
-# none here. The estimate is consistent in the number of particles, with a small $O(1/K)$ bias
-# (`elbo.effective_sample_size` tells how healthy the weights are). It is also more expensive,
-# so we train on mini-batches of 128 rows (`num_data=N` tells the model's plate to rescale).
+# self-normalised importance sampling, with proposals from the Laplace approximations of
+# $p(z \mid x_R)$ and $p(z \mid x)$ (Newton's method, derivatives by autograd). The guide covers
+# only the global latents, of which there are none here. The estimate is consistent in the
+# number of particles K; its first-order bias is estimated and removed, and K doubles from
+# `num_importance_samples` while the estimated bias or the effective sample size asks for it
+# (`elbo.importance_samples` and `elbo.effective_sample_size` report both). It is also more
+# expensive, so we train on mini-batches of 128 rows (`num_data=N` tells the model's plate to
+# rescale).
 
 
 # %%
@@ -180,10 +182,8 @@ def no_guide(latent_model):
 
 latent_results = {
     "Trace_ELBO + AutoNormal guide for z": train_latent(Trace_ELBO(), AutoNormal),
-    "MaskedPretrainingELBO, z integrated (128 particles)": train_latent(
-        MaskedPretrainingELBO(
-            num_importance_samples=128, generator=torch.Generator().manual_seed(0)
-        ),
+    "MaskedPretrainingELBO, z integrated": train_latent(
+        MaskedPretrainingELBO(generator=torch.Generator().manual_seed(0)),
         no_guide,
         batch_size=128,
     ),
@@ -194,8 +194,8 @@ for name, value in latent_results.items():
 
 # %% [markdown]
 # Both land near the optimum; masked pre-training without any guide for $z_n$. Its remaining gap
-# comes from the importance-sampling bias and the mini-batch noise; more particles reduce it, and
-# so does a trained encoder: `proposal="guide"` uses the guide as the proposal, provided it reads
+# comes from the mini-batch noise and what is left of the importance-sampling bias. A trained
+# encoder can serve as the proposal too: `proposal="guide"` uses the guide, provided it reads
 # only the visible part of $x_n$ through `pyro_mpt.infer.observed_view`, and trains it in the
 # same step (reweighted wake-sleep).
 #

@@ -114,8 +114,9 @@ fig.tight_layout()
 #   (the paper's VAE);
 # * **MPT, importance sampling**: `MaskedPretrainingELBO`, the default objective of
 #   `pyro_mpt.models.fit`. The latent $z_n$ shares the data plate with $x_n$, so it integrates
-#   $z_n$ itself by self-normalised importance sampling (prior particles, then adaptive Gaussian
-#   proposals); no guide;
+#   $z_n$ itself by self-normalised importance sampling (proposals from the Laplace
+#   approximations of $p(z \mid x_R)$ and $p(z \mid x)$, K particles from 16, doubled while the
+#   estimated bias or the effective sample size asks for it); no guide;
 # * **MPT, quadrature**: the same cumulative estimate with the exact conditionals above;
 # * **fixed 15%, quadrature**: BERT's masking rate, for contrast.
 #
@@ -159,7 +160,6 @@ histories["MPT, importance sampling"] = fit(
     model,
     x,
     objective="mpt",
-    num_importance_samples=32,
     steps=STEPS,
     track=lambda model=model: lml(model),
     progress=False,
@@ -202,8 +202,9 @@ fig.tight_layout()
 # model and a weaker encoder make larger.)
 #
 # Note what changes in cost: a `Trace_ELBO` step scores each image once, an MPT step with
-# importance sampling scores it against `num_importance_samples` latent particles, so it is several
-# times slower per step (the training times above).
+# importance sampling scores it against K latent particles per mask (and finds the Laplace
+# proposals by two Newton steps), so it is several times slower per step (the training times
+# above).
 #
 # ## What the latent space learned
 #

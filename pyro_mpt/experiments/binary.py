@@ -178,6 +178,7 @@ def _fit_objective(name, model, data, *, epochs, lr, seed, train_grid, num_impor
     elif name == SHIPPED:
         elbo = MaskedPretrainingELBO(
             proposal="guide", num_importance_samples=num_importance_samples,
+            max_importance_samples=num_importance_samples,
             generator=torch.Generator().manual_seed(seed + 1),
         )  # fmt: skip
         with warnings.catch_warnings(record=True) as caught:
