@@ -39,10 +39,12 @@ def test_newton_finds_the_mode_and_curvature_of_a_logistic_posterior():
     (grad,) = torch.autograd.grad(log_density(mode.requires_grad_()).sum(), mode)
     assert grad.abs().max() < 1e-10
     for row in range(4):
+
         def row_density(z, row=row):
             full = mode.detach().clone()
             full[row] = z
             return log_density(full)[row]
+
         expected = -hessian(row_density, mode[row].detach())
         torch.testing.assert_close(precision[row], expected, atol=1e-6, rtol=1e-6)
 
