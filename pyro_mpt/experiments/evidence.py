@@ -13,7 +13,7 @@ update with the model held fixed (``MaskedPretrainingELBO(proposal="guide")``), 
 * **masked pre-training** through the ELBO's self-normalised importance sampling
   (:func:`~pyro_mpt.evaluate.mpt_log_marginal`) with the same encoder as proposal, for a range of
   mask schemes (cumulative with several masks per row, stratified) and K; and with the default
-  adapted-prior proposal;
+  Laplace proposals;
 * masked pre-training with the exact (quadrature) conditionals on the same masks: the error that
   the masks alone leave;
 
@@ -105,13 +105,13 @@ def run(out: Path, full: bool = False, seed: int = 0, **sizes) -> dict:
         seed: data subset, initialisation, masks and particles.
         **sizes: ``num_data``, ``epochs`` (model), ``encoder_epochs``, ``importance_k`` (the K of
             importance sampling), ``mpt_settings`` (tuples ``(scheme name, masks per row or per
-            size, K)``), ``prior_settings`` (the same, adapted-prior proposal), ``eval_grid``,
+            size, K)``), ``laplace_settings`` (the same, Laplace proposals), ``eval_grid``,
             ``progress``.
 
     Example:
         >>> import tempfile
         >>> r = run(Path(tempfile.mkdtemp()), num_data=8, epochs=2, encoder_epochs=2,
-        ...         importance_k=(4,), mpt_settings=(("cumulative", 2, 4),), prior_settings=(),
+        ...         importance_k=(4,), mpt_settings=(("cumulative", 2, 4),), laplace_settings=(),
         ...         eval_grid=41, progress=False)
         >>> sorted({row["family"] for row in r["rows"]})
         ['MPT, SNIS, encoder', 'MPT, exact conditionals', 'importance sampling, encoder']
@@ -148,7 +148,7 @@ def _run(
         ("stratified", 2, 64),
         ("stratified", 2, 256),
     ),
-    prior_settings: tuple[tuple[str, int, int], ...] = (
+    laplace_settings: tuple[tuple[str, int, int], ...] = (
         ("cumulative", 2, 256),
         ("cumulative", 8, 256),
     ),
@@ -168,7 +168,7 @@ def _run(
     table = []
     jobs = [("is", k) for k in importance_k]
     jobs += [("mpt", setting) for setting in mpt_settings]
-    jobs += [("prior", setting) for setting in prior_settings]
+    jobs += [("laplace", setting) for setting in laplace_settings]
     for kind, setting in tqdm(jobs, desc="evidence", disable=not progress):
         if kind == "is":
             estimate, seconds = _timed(partial(
@@ -188,7 +188,7 @@ def _run(
                 mpt_log_marginal, model, guide, (data,), masks=masks, num_masks=num_masks,
                 num_importance_samples=k, max_importance_samples=k, seed=seed,
             ))  # fmt: skip
-        family = "MPT, SNIS, encoder" if kind == "mpt" else "MPT, SNIS, adapted prior"
+        family = "MPT, SNIS, encoder" if kind == "mpt" else "MPT, SNIS, Laplace"
         table.append(_row(f"MPT ({family.split(', ', 1)[1]})", f"{label}, K = {k}", estimate,
                           truth, seconds, family))  # fmt: skip
         if kind == "mpt" and k == max(s[2] for s in mpt_settings):
@@ -265,7 +265,7 @@ def _plot(table, path: Path, num_data: int) -> None:
     styles = {
         "importance sampling, encoder": ("o-", "C0"),
         "MPT, SNIS, encoder": ("s", "C1"),
-        "MPT, SNIS, adapted prior": ("^", "C2"),
+        "MPT, SNIS, Laplace": ("^", "C2"),
     }
     for family, (marker, colour) in styles.items():
         rows = [row for row in table if row["family"] == family]
