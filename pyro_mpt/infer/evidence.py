@@ -20,7 +20,7 @@ fitted encoder: it needs one pass over :math:`K` particles, and its bias,
 bias is removed), and costs :math:`K`
 particles per mask. Measured on the Bernoulli latent model (``pyro-mpt reproduce evidence``: 200
 binarised digits, one learned encoder as both proposals): importance sampling reached 0.020 nats
-per datum RMSE in 0.95 s, the best masked estimate 0.77 in 2.0 s, and that error is the masks'
+per datum RMSE in 0.93 s, the best masked estimate 0.77 in 2.4 s, and that error is the masks'
 alone (exact conditionals on the same masks: 0.77). Use the masked estimate where the masked
 predictions are the object: to check what MPT training optimises, to score the masked-prediction
 curve (:math:`S(x; m)` per mask size, e.g. the fixed-rate scores), or where no encoder of

@@ -179,9 +179,10 @@ class MaskedPretrainingELBO(ELBO):
         num_particles: guide samples of the global latents, as in Trace_ELBO.
         num_importance_samples: K, importance particles per mask and row for sites with local
             latents, at first: while the estimated SNIS bias
-            (:attr:`~pyro_mpt.infer.site_terms.SNISEstimate.bias`) exceeds 0.01 nats per masked
-            dimension, as many again are drawn, up to ``max_importance_samples``; the number
-            drawn per site is in :attr:`importance_samples` after each call.
+            (:attr:`~pyro_mpt.infer.site_terms.SNISEstimate.bias`) exceeds 0.005 nats per masked
+            dimension or the median effective sample size is below 8, as many again are drawn,
+            up to ``max_importance_samples``; the number drawn per site is in
+            :attr:`importance_samples` after each call.
         max_importance_samples: the most particles per mask and row (default 512, or
             ``num_importance_samples`` if larger; equal to it: a fixed K, as with ``seed``).
         proposal: ``"laplace"`` (default: a mixture of the Laplace approximations of
