@@ -572,15 +572,24 @@ class MaskedPretrainingELBO(ELBO):
         # Every mask draw, and one with nothing hidden (p(z | x)), in one batch of Newton steps.
         hidden = torch.cat([masks, torch.zeros_like(masks[:1])]).unsqueeze(1)
         start = torch.cat(
-            [_align(_prior_mean(fn), (), batch_shape, None) for fn in priors.values()], -1
+            [_align(_as_vector(fn.mean.detach(), fn), (), batch_shape, None)
+             for fn in priors.values()], -1
         ).expand(num_draws + 1, 1, *batch_shape, -1)
 
         def log_density(z):
             log_prior, log_lik = terms(trace_at(z, priors), z.shape[:2])
             return log_prior + torch.where(hidden, torch.zeros_like(log_lik), log_lik).sum(-1)
 
+        # Never wider than the prior (a flat likelihood, or no curvature: a Laplace prior).
+        widest = torch.cat(
+            [_align(_as_vector(fn.variance.detach(), fn), (), batch_shape, None)
+             for fn in priors.values()], -1
+        ).amax(-1)
+        min_precision = torch.where(torch.isfinite(widest), widest.reciprocal(), 0.0)
         with _unvalidated():
-            mode, precision = laplace_approximation(log_density, start, self.newton_steps)
+            mode, precision = laplace_approximation(
+                log_density, start, self.newton_steps, min_precision
+            )
         # Wider than the posteriors: p(z | x_R, x_j), the numerator's, lies between the two.
         precision = precision / _widening(mode.shape[-1])
         given_r, given_x = (
@@ -919,10 +928,9 @@ def _widening(dim: int, efficiency: float = 0.75) -> float:
     return ratio * (ratio + math.sqrt(ratio**2 - 1))
 
 
-def _prior_mean(fn) -> torch.Tensor:
-    """The mean of a latent's prior as a vector ``(*batch, L)``: Newton's starting point."""
-    mean = fn.mean.detach()
-    return mean.unsqueeze(-1) if fn.event_dim == 0 else mean
+def _as_vector(value: torch.Tensor, fn) -> torch.Tensor:
+    """A latent's value (or moment) as a vector ``(*batch, L)``."""
+    return value.unsqueeze(-1) if fn.event_dim == 0 else value
 
 
 def _cat(drawn: list[tuple]) -> tuple:

@@ -228,22 +228,29 @@ def _corrected_conditionals(log_weights, log_lik, mask):
 
 
 def laplace_approximation(
-    log_density: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, steps: int = 2
+    log_density: Callable[[torch.Tensor], torch.Tensor],
+    start: torch.Tensor,
+    steps: int = 2,
+    min_precision: torch.Tensor | float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Mode and curvature of a batch of log-densities on :math:`\mathbb{R}^L` by Newton's method.
 
     Each step solves :math:`\mathbf H \delta = \nabla f` with :math:`\mathbf H = -\nabla^2 f`,
     both by automatic differentiation (one Hessian-vector product per coordinate, batched), and
-    moves to :math:`z + \delta`. Where :math:`\mathbf H` is not positive definite (a model that
-    is not log-concave in :math:`z`), its eigenvalues are replaced by their absolute values,
-    floored at a millionth of the largest, so the step still climbs. For a Gaussian prior and a
-    likelihood linear-Gaussian in :math:`z` one step is exact.
+    moves to :math:`z + \delta`. Where an eigenvalue of :math:`\mathbf H` is below
+    ``min_precision`` (a model that is not log-concave in :math:`z`, or flat: a Laplace prior
+    with nothing observed), the eigenvalues are replaced by their absolute values floored there
+    (and at a millionth of the largest), so the step still climbs and the Gaussian is never
+    wider than that. For a Gaussian prior and a likelihood linear-Gaussian in :math:`z` one step
+    is exact.
 
     Args:
         log_density: maps ``z`` ``(*batch, L)`` to ``(*batch,)``; element ``b`` may depend only on
             ``z[b]`` (the rows of a plate, the draws of masks).
         start: ``(*batch, L)``, e.g. the prior mean.
         steps: Newton steps.
+        min_precision: the smallest eigenvalue allowed, broadcastable to ``(*batch,)`` (e.g. the
+            inverse of the prior's largest variance).
 
     Returns:
         ``(mode, precision)``: the last iterate ``(*batch, L)`` and :math:`\mathbf H` at the
@@ -274,7 +281,7 @@ def laplace_approximation(
                     for i in range(size)
                 ])
         precision = -hessian.movedim(0, -2).detach()
-        precision = _positive_definite(0.5 * (precision + precision.mT))
+        precision = _floor_eigenvalues(0.5 * (precision + precision.mT), min_precision)
         step = torch.linalg.solve(precision, grad.detach().unsqueeze(-1)).squeeze(-1)
         z = z.detach() + step
     if not bool(torch.isfinite(z).all()):
@@ -285,16 +292,22 @@ def laplace_approximation(
     return z, precision
 
 
-def _positive_definite(matrix: torch.Tensor) -> torch.Tensor:
-    """``matrix`` where its Cholesky factorisation succeeds; elsewhere the matrix with absolute
-    eigenvalues floored at a millionth of the largest."""
-    _, info = torch.linalg.cholesky_ex(matrix)
+def _floor_eigenvalues(matrix: torch.Tensor, floor: torch.Tensor | float) -> torch.Tensor:
+    """``matrix`` where its eigenvalues are at least ``floor`` (one Cholesky factorisation tells);
+    elsewhere the matrix with absolute eigenvalues floored there, at a millionth of the largest,
+    and at the dtype's resolution."""
+    floor = torch.as_tensor(floor, dtype=matrix.dtype, device=matrix.device)
+    floor = floor.expand(matrix.shape[:-2])
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    _, info = torch.linalg.cholesky_ex(matrix - floor[..., None, None] * eye)
     failed = info != 0
     if not bool(failed.any()):
         return matrix
     values, vectors = torch.linalg.eigh(matrix[failed])
     values = values.abs()
-    values = values.clamp_min(1e-6 * values.amax(-1, keepdim=True).clamp_min(1e-30))
+    least = torch.maximum(floor[failed], 1e-6 * values.amax(-1))
+    least = least.clamp_min(torch.finfo(matrix.dtype).eps)
+    values = torch.maximum(values, least.unsqueeze(-1))
     repaired = matrix.clone()
     repaired[failed] = (vectors * values.unsqueeze(-2)) @ vectors.mT
     return repaired
