@@ -45,8 +45,8 @@ conditionals are computed per site:
      between the two). One Newton step is exact for a linear-Gaussian likelihood. Other latents
      get prior particles.
    * ``proposal="prior"``: particles from the prior. On latent PPCA (D = 6, noise 0.3) K = 256
-     prior particles were off by 0.25-1.5 nats per row, the Laplace mixture at the default
-     settings by 0.026.
+     prior particles were off by 0.06-0.75 nats per row, the Laplace mixture at the default
+     settings by 0.025.
    * ``proposal="guide"``: the guide, reading the observation through
      :func:`~pyro_mpt.infer.observed_view` so that it sees only :math:`x_R` (the ELBO raises if
      a guide never asked), proposes :math:`q(z \mid x_R)`; the same step trains it by
