@@ -39,7 +39,7 @@ observations are one draw of the GP, so every column is a total over the n point
 hand-written conditionals needed): :func:`mpt_log_marginal` is the masked pre-training estimate
 of :math:`\log p(x_n)` per row ± s.e. from
 :meth:`~pyro_mpt.infer.MaskedPretrainingELBO.site_estimates` (the training path: its
-self-normalised importance sampling, with the guide or the adapted prior as proposal),
+self-normalised importance sampling, with the guide or Laplace proposals),
 :func:`importance_log_marginal` plain importance sampling with the guide as proposal; for the
 evidence itself use the latter (:mod:`pyro_mpt.infer.evidence` says why, with measurements).
 

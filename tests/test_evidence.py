@@ -49,13 +49,13 @@ def test_masked_estimate_of_a_gaussian_site_is_evaluate_models_on_the_same_masks
     assert abs(expected["mpt"] - expected["exact_lml"]) < 4 * expected["mpt_se"]
 
 
-@pytest.mark.parametrize("proposal", ["guide", "prior"])
+@pytest.mark.parametrize("proposal", ["guide", "laplace"])
 def test_masked_estimate_with_importance_sampled_conditionals_matches_quadrature(
     bernoulli, proposal
 ):
-    """The same masks scored through SNIS (encoder or adapted prior, K = 256) and by quadrature
-    (evaluate_model): per datum within 0.1 nats (measured 0.045 and 0.003), and within their
-    errors of the LML (the masks' standard error per datum is 0.11 here)."""
+    """The same masks scored through SNIS (encoder or Laplace proposals, K from 256) and by
+    quadrature (evaluate_model): per datum within 0.1 nats (measured 0.017 and 0.011), and
+    within their errors of the LML (the masks' standard error per datum is 0.11 here)."""
     model, encoder, x, truth = bernoulli
     guide = encoder if proposal == "guide" else None
     snis = mpt_log_marginal(model, guide, (x,), seed=3)

@@ -142,7 +142,7 @@ def mpt_log_marginal(
     *,
     masks: MaskScheme | None = None,
     num_masks: int = 1,
-    num_importance_samples: int = 16,
+    num_importance_samples: int = 256,
     max_importance_samples: int | None = None,
     proposal: str | None = None,
     site: str | None = None,
@@ -166,7 +166,8 @@ def mpt_log_marginal(
         masks: the scheme (default ``Stratified(2)``: two masks of every size per row, unbiased
             for :math:`\log p(x)` up to the importance-sampling bias, with a standard error).
         num_masks: replicates of the scheme's draw.
-        num_importance_samples, max_importance_samples: as in the ELBO (equal: a fixed K).
+        num_importance_samples, max_importance_samples: as in the ELBO (equal: a fixed K); more
+            particles to start with than the ELBO's 16, since an evaluation is run once.
         proposal: ``"guide"`` (default when a guide is given), ``"laplace"`` (default
             otherwise) or ``"prior"``.
         seed: seeds the masks and the particles (the global torch RNG is restored afterwards).
