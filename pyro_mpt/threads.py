@@ -72,7 +72,12 @@ def set_thread_limit(limit: Limit) -> None:
 
 
 class CpuReading(NamedTuple):
-    """Cumulative CPU seconds: all of this process's cores (``busy``, ``total``), and its own."""
+    """Cumulative CPU seconds: all of this process's cores (``busy``, ``total``), and its own.
+
+    Example:
+        >>> CpuReading(busy=1.5, total=2.0, own=0.5).own
+        0.5
+    """
 
     busy: float
     total: float

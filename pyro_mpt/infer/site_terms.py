@@ -163,7 +163,13 @@ def snis_conditional_log_prob(
 
 
 class SNISEstimate(NamedTuple):
-    """:func:`snis_estimate`'s result."""
+    """:func:`snis_estimate`'s result.
+
+    Example:
+        >>> estimate = snis_estimate(torch.zeros(1, 4, 1, 2), torch.tensor([[[True, False]]]))
+        >>> estimate.conditionals, estimate.bias  # equal likelihoods: nothing to correct
+        (tensor([[[0., 0.]]]), 0.0)
+    """
 
     #: ``(S, *batch, D)``: :math:`\log \hat p(x_j \mid x_R)` at masked positions, zero elsewhere.
     conditionals: torch.Tensor
