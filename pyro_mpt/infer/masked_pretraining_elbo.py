@@ -133,7 +133,6 @@ from ..threads import limit_threads_in_backward, limited_threads
 from .observed_view import masked_observations
 from .row_keys import KeyedLatents, SiteKeys, name_code, plate_indices
 from .site_terms import (
-    effective_sample_size,
     is_collapsed_gaussian,
     is_factorised,
     laplace_approximation,
@@ -571,20 +570,20 @@ class MaskedPretrainingELBO(ELBO):
         num_draws = masks.shape[0]
         # Every mask draw, and one with nothing hidden (p(z | x)), in one batch of Newton steps.
         hidden = torch.cat([masks, torch.zeros_like(masks[:1])]).unsqueeze(1)
-        start = torch.cat(
-            [_align(_as_vector(fn.mean.detach(), fn), (), batch_shape, None)
-             for fn in priors.values()], -1
-        ).expand(num_draws + 1, 1, *batch_shape, -1)
+        def stacked(moment):  # a moment of every latent's prior, concatenated: (*batch, L)
+            return torch.cat([
+                _align(_as_vector(getattr(fn, moment).detach(), fn), (), batch_shape, None)
+                for fn in priors.values()
+            ], -1)
+
+        start = stacked("mean").expand(num_draws + 1, 1, *batch_shape, -1)
 
         def log_density(z):
             log_prior, log_lik = terms(trace_at(z, priors), z.shape[:2])
             return log_prior + torch.where(hidden, torch.zeros_like(log_lik), log_lik).sum(-1)
 
         # Never wider than the prior (a flat likelihood, or no curvature: a Laplace prior).
-        widest = torch.cat(
-            [_align(_as_vector(fn.variance.detach(), fn), (), batch_shape, None)
-             for fn in priors.values()], -1
-        ).amax(-1)
+        widest = stacked("variance").amax(-1)
         min_precision = torch.where(torch.isfinite(widest), widest.reciprocal(), 0.0)
         with _unvalidated():
             mode, precision = laplace_approximation(
@@ -618,18 +617,20 @@ class MaskedPretrainingELBO(ELBO):
         while True:
             log_lik, log_weights, *extra = _cat(drawn)
             estimate = snis_estimate(log_lik, masks, log_weights)
-            ess = effective_sample_size(estimate.log_weights).median()
             if (
                 self._keys is not None
                 or total >= self.max_importance_samples
-                or (estimate.bias <= _BIAS_TOLERANCE and ess >= _MIN_ESS)
+                or (
+                    estimate.bias <= _BIAS_TOLERANCE
+                    and estimate.effective_sample_size.median() >= _MIN_ESS
+                )
             ):
                 break
             more = min(total, self.max_importance_samples - total)
             drawn.append(particles(more))
             total += more
         self.importance_samples[name] = total
-        self._record_ess(name, estimate.log_weights)
+        self._record_ess(name, estimate.effective_sample_size, total)
         return estimate, extra
 
     def _trace_at(self, model, args, kwargs, full_model_trace, integrated, nesting, batch_shape,
@@ -655,14 +656,13 @@ class MaskedPretrainingELBO(ELBO):
             conditioned = poutine.condition(poutine.replay(model, trace=replay), data=values)
             return poutine.trace(conditioned).get_trace(*args, **kwargs)
 
-    def _record_ess(self, name: str, log_weights: torch.Tensor) -> None:
-        ess = effective_sample_size(log_weights).detach()
+    def _record_ess(self, name: str, ess: torch.Tensor, num: int) -> None:
         self.effective_sample_size[name] = ess
-        if not self._warned_ess and bool(ess.median() < max(2.0, 0.1 * log_weights.shape[1])):
+        if not self._warned_ess and bool(ess.median() < max(2.0, 0.1 * num)):
             self._warned_ess = True
             warnings.warn(
                 f"importance sampling at site '{name}' has collapsed: median effective sample "
-                f"size {ess.median().item():.1f} of {log_weights.shape[1]} particles, so its "
+                f"size {ess.median().item():.1f} of {num} particles, so its "
                 "conditionals are biased (by O(1/ESS)). Raise max_importance_samples, use "
                 "proposal='laplace' (latents on R^L), or proposal='guide' with an encoder "
                 "that is trained with the model; elbo.effective_sample_size holds the values "
@@ -923,7 +923,7 @@ def _widening(dim: int, efficiency: float = 0.75) -> float:
     leaves an effective sample size ``efficiency`` times K when the posterior is the Laplace
     Gaussian itself: :math:`(s^2 / \sqrt{2 s^2 - 1})^L = 1/\text{efficiency}`, so
     :math:`s^2 = r (r + \sqrt{r^2 - 1})` with :math:`r = \text{efficiency}^{-1/L}` (L = 2: 2;
-    L = 10: 1.27). Wider in few dimensions, where covering the tails is cheap."""
+    L = 10: 1.31). Wider in few dimensions, where covering the tails is cheap."""
     ratio = efficiency ** (-1.0 / dim)
     return ratio * (ratio + math.sqrt(ratio**2 - 1))
 
