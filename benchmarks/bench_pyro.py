@@ -8,8 +8,18 @@
 * wall time to reach 0.1% of the closed-form optimum (``PCA(10).score``) from one seeded
   initialisation: exact LML (Trace_ELBO on the collapsed model, Adam lr 0.05, checked every
   step) against MPT on a cosine-annealed schedule of a fixed length (one mask per row, Adam 0.03
-  annealed to 1e-4 over 250 steps, then scored once; the shortest schedule that reached 0.1% in a
-  sweep of 1, 2, 4 and 8 masks per row, lr 0.01-0.05 and 50-400 steps);
+  annealed to 1e-4 over 250 steps, then scored once), medians over ``SEEDS`` mask seeds, the
+  runs interleaved. The final gap moves with the seed (0.07-0.20% at 250 steps, 0.05-0.16% at
+  400): the step count is set by the estimator's gradient variance, not by the optimiser (the
+  exact gradient on the same schedule reaches 0.0055% in 100 steps). The *floor* row runs the
+  same schedule on the bare arithmetic, so the MPT row's ratio to the exact LML splits into
+  steps (the estimator) times the time per step (the floor, and our overhead above it).
+  Variance levers measured on this problem and not adopted: stratifying the rows' masking rates
+  (2.5x lower gradient variance, no fewer steps), mask-and-complement pairs (1.7-2.4x lower, at two
+  masks' cost), two masks per row (1.6-2x lower at 2x the cost), tail-averaged iterates (no better
+  than the cosine's last iterate), and the per-dimension marginals as a control variate (5-10x
+  lower, ~1.6x fewer steps, but 1.4-2x higher variance on GPs, so it would need a per-model
+  coefficient);
 * latent-z PPCA (``z_n`` sampled per row): SNIS at the default settings (Laplace proposals, K
   from 16, doubled while the estimated bias or the effective sample size asks for it; the K
   reached is in the case) and with K = 256 prior particles, against Trace_ELBO with an
@@ -26,6 +36,7 @@ shared machine falls on both alike.
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import pyro
@@ -43,6 +54,8 @@ from pyro_mpt.models import PPCA, BernoulliLatentGuide, BernoulliLatentModel, no
 from pyro_mpt.threads import limited_threads
 
 TARGET_GAP = 1e-3
+# The MPT schedule: Adam from MPT_LR annealed along a cosine to 1e-4 over MPT_STEPS steps.
+MPT_LR, MPT_STEPS, SEEDS = 0.03, 250, 5
 
 
 def _svi_step(model, guide, elbo, x, lr=1e-3):
@@ -54,47 +67,99 @@ def _ppca(collapsed=True):
     return PPCA(64, 10, generator=torch.Generator().manual_seed(0), collapsed=collapsed)
 
 
-def _masked_arithmetic(model, x):
+def _masked_arithmetic(model, x, seed=0):
     """Masks, Woodbury conditionals and log-densities, forward and backward, without Pyro."""
-    scheme, gen = Cumulative(), torch.Generator().manual_seed(0)
+    scheme, gen = Cumulative(), torch.Generator().manual_seed(seed)
 
     def step():
+        model.zero_grad()
         with limited_threads():  # pyro_mpt's thread policy, as in the ELBO
             masks = scheme.sample(x.shape[-1], (len(x),), 1, generator=gen)
             log_prob = masked_conditional_log_prob(model.marginal(), x, masks.masks)
             (-(masks.weights * log_prob.sum(-1)).sum()).backward()
-            model.zero_grad()
 
     return step
 
 
-def _time_to_optimum(x, optimum) -> tuple[float, float, float]:
-    """Seconds for exact-LML training to reach the target, and for the MPT schedule to finish,
-    with the MPT run's final gap; only the SVI steps are timed."""
+def _gap(model, x, optimum) -> float:
+    with torch.no_grad():
+        return (optimum - model.log_marginal(x).mean().item()) / abs(optimum)
+
+
+def _exact_training(x, optimum) -> float:
+    """Seconds of exact-LML SVI steps (Trace_ELBO, Adam 0.05) until the gap is TARGET_GAP, checked
+    after every step (only the steps are timed)."""
     model = _ppca()
     step = _svi_step(model, no_guide, Trace_ELBO(), x, lr=0.05)
-    exact_seconds = 0.0
+    seconds = 0.0
     while True:
         start = time.perf_counter()
         step()
-        exact_seconds += time.perf_counter() - start
-        with torch.no_grad():
-            if optimum - model.log_marginal(x).mean().item() <= TARGET_GAP * abs(optimum):
-                break
-    model, steps = _ppca(), 250
+        seconds += time.perf_counter() - start
+        if _gap(model, x, optimum) <= TARGET_GAP:
+            return seconds
+
+
+def _mpt_training(x, optimum, seed) -> tuple[float, float]:
+    """Seconds of the MPT schedule (MaskedPretrainingELBO in SVI) and its final gap."""
+    model = _ppca()
     scheduler = pyro.optim.CosineAnnealingLR(
-        {"optimizer": torch.optim.Adam, "optim_args": {"lr": 0.03}, "T_max": steps, "eta_min": 1e-4}
-    )
-    elbo = MaskedPretrainingELBO(generator=torch.Generator().manual_seed(0))
+        {"optimizer": torch.optim.Adam, "optim_args": {"lr": MPT_LR}, "T_max": MPT_STEPS,
+         "eta_min": 1e-4}
+    )  # fmt: skip
+    elbo = MaskedPretrainingELBO(generator=torch.Generator().manual_seed(seed))
     svi = SVI(model, no_guide, scheduler, elbo)
     start = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(MPT_STEPS):
         svi.step(x)
         scheduler.step()
-    mpt_seconds = time.perf_counter() - start
-    with torch.no_grad():
-        gap = (optimum - model.log_marginal(x).mean().item()) / abs(optimum)
-    return mpt_seconds, exact_seconds, gap
+    return time.perf_counter() - start, _gap(model, x, optimum)
+
+
+def _floor_training(x, optimum, seed) -> tuple[float, float]:
+    """The same schedule on the bare arithmetic (:func:`_masked_arithmetic` and torch's Adam)."""
+    model = _ppca()
+    optimizer = torch.optim.Adam(model.parameters(), lr=MPT_LR)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, MPT_STEPS, 1e-4)
+    step = _masked_arithmetic(model, x, seed)
+    start = time.perf_counter()
+    for _ in range(MPT_STEPS):
+        step()
+        optimizer.step()
+        scheduler.step()
+    return time.perf_counter() - start, _gap(model, x, optimum)
+
+
+def _time_to_optimum(x, optimum) -> list[dict]:
+    """Exact LML to the target gap against the MPT schedule, and the schedule on the bare
+    arithmetic, interleaved over ``SEEDS`` mask seeds; medians."""
+    runs = [
+        (_exact_training(x, optimum), *_mpt_training(x, optimum, seed),
+         *_floor_training(x, optimum, seed))
+        for seed in range(SEEDS)
+    ]  # fmt: skip
+    exact, mpt, _, floor, floor_gap = map(statistics.median, zip(*runs, strict=True))
+    gaps = sorted(100 * r[2] for r in runs)
+    case = (
+        f"MPT, 1 mask/row, {MPT_STEPS} cosine steps; final gap over {SEEDS} mask seeds: "
+        f"median {gaps[SEEDS // 2]:.3f}%, worst {gaps[-1]:.3f}%"
+    )
+    return [
+        row(
+            "time to 0.1% of the PPCA optimum",
+            case,
+            mpt,
+            exact,
+            "exact LML (Trace_ELBO), Adam 0.05",
+        ),
+        row(
+            "time to 0.1% of the PPCA optimum",
+            f"MPT, the same schedule (floor's median gap {100 * floor_gap:.3f}%)",
+            mpt,
+            floor,
+            "floor: the schedule on masks + conditionals fwd+bwd + Adam, no Pyro",
+        ),
+    ]
 
 
 def run() -> list[dict]:
@@ -122,16 +187,7 @@ def run() -> list[dict]:
         )
     )
     optimum = PCA(10).fit(x.numpy()).score(x.numpy())
-    mpt_seconds, exact_seconds, gap = _time_to_optimum(x, optimum)
-    rows.append(
-        row(
-            "time to 0.1% of the PPCA optimum",
-            f"MPT, 1 mask/row, 250 cosine steps (final gap {100 * gap:.3f}%)",
-            mpt_seconds,
-            exact_seconds,
-            "exact LML (Trace_ELBO), Adam 0.05",
-        )
-    )
+    rows += _time_to_optimum(x, optimum)
 
     at_optimum = _ppca(collapsed=False)
     pca = PCA(10).fit(x.numpy())

@@ -33,6 +33,25 @@ def best_time_pair(
     return best[0], best[1]
 
 
+def mean_time_pair(
+    ours: Callable[[], object], anchor: Callable[[], object], calls: int
+) -> tuple[float, float]:
+    """Mean wall times over ``calls`` alternating calls of each (after one warm-up each).
+
+    For steps whose cost depends on what they draw: a GP's masked objective factorises blocks of
+    the sizes its masks happen to have, so one call can cost three times another, and a best of
+    a few calls would time the luckiest draw. The mean over the same seeded sequence of draws is
+    the expected cost per step, and is reproducible."""
+    ours(), anchor()
+    total = [0.0, 0.0]
+    for _ in range(calls):
+        for i, fn in enumerate((ours, anchor)):
+            start = time.perf_counter()
+            fn()
+            total[i] += time.perf_counter() - start
+    return total[0] / calls, total[1] / calls
+
+
 def count_row(
     benchmark: str, case: str, ours: float, anchor: float, anchor_name: str, unit: str
 ) -> dict:
