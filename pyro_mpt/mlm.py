@@ -371,7 +371,8 @@ def train_wordpiece_tokenizer(
 
     Adds ``[PAD] [UNK] [CLS] [SEP] [MASK]`` (ids 0-4) and the ``[CLS] text [SEP]`` template, so
     that it works with :func:`mlm_curve` and a ``BertForMaskedLM`` built from a config. Nothing is
-    downloaded.
+    downloaded. The same texts give the same vocabulary and ids at every call and in every
+    process.
 
     Args:
         texts: training text.
@@ -396,13 +397,32 @@ def train_wordpiece_tokenizer(
     _check_positive_int("vocab_size", vocab_size)
     special = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
                "sep_token": "[SEP]", "mask_token": "[MASK]"}  # fmt: skip
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=list(special.values()), show_progress=False
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    texts = list(texts)
+    # The trainer numbers the continuing pieces ("##a") in hash-map order and breaks ties between
+    # merges by those numbers, so the same texts gave a different vocabulary from one call to the
+    # next (huggingface/tokenizers#1794). Declaring every "##c" up front fixes their numbers; the
+    # tokenizer is then rebuilt from the vocabulary, so that they are not special tokens.
+    characters = sorted(
+        {
+            character
+            for text in texts
+            for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text))
+            for character in word
+        }
     )
-    tokenizer.train_from_iterator(texts, trainer)
+    trainer = WordPieceTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[*special.values(), *(f"##{c}" for c in characters)],
+        show_progress=False,
+    )
+    trained = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    trained.normalizer, trained.pre_tokenizer = normalizer, splitter
+    trained.train_from_iterator(texts, trainer)
+    tokenizer = Tokenizer(models.WordPiece(trained.get_vocab(), unk_token="[UNK]"))
+    tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, splitter
+    tokenizer.add_special_tokens(list(special.values()))
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -420,9 +440,8 @@ def word_level_tokenizer(texts: Iterable[str], lowercase: bool = True, max_lengt
 
     The same ``[PAD] [UNK] [CLS] [SEP] [MASK]`` (ids 0-4), normalisation and ``[CLS] text [SEP]``
     template as :func:`train_wordpiece_tokenizer`, but no subwords: the words, sorted, are the
-    vocabulary, so the same texts always give the same ids. (``tokenizers``' WordPiece trainer
-    breaks ties differently from one process to the next: the vocabulary, and every number
-    computed with it, changes between runs.) A word not in ``texts`` becomes ``[UNK]``.
+    vocabulary, so the same texts always give the same ids. A word not in ``texts`` becomes
+    ``[UNK]``.
 
     Example:
         >>> tok = word_level_tokenizer(["The cat sat.", "a dog"])
