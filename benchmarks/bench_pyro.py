@@ -10,15 +10,15 @@
   step) against MPT on a cosine-annealed schedule of a fixed length (one mask per row, Adam 0.03
   annealed to 1e-4 over 250 steps, then scored once), medians over ``SEEDS`` mask seeds, the
   runs interleaved. The final gap moves with the seed (0.07-0.20% at 250 steps, 0.05-0.16% at
-  400): the step count is set by the estimator's gradient variance, not by the optimiser (the
-  exact gradient on the same schedule reaches 0.0055% in 100 steps). The *floor* row runs the
-  same schedule on the bare arithmetic, so the MPT row's ratio to the exact LML splits into
-  steps (the estimator) times the time per step (the floor, and our overhead above it).
+  400): the step count is set by the estimator's gradient variance, not by the optimiser (with
+  the exact gradient, the same schedule shortened to 100 steps ends at 0.0055%). The *floor* row
+  runs the same schedule on the bare arithmetic, so the MPT row's ratio to the exact LML splits
+  into steps (the estimator) times the time per step (the floor, and our overhead above it).
   Variance levers measured on this problem and not adopted: stratifying the rows' masking rates
   (2.5x lower gradient variance, no fewer steps), mask-and-complement pairs (1.7-2.4x lower, at two
   masks' cost), two masks per row (1.6-2x lower at 2x the cost), tail-averaged iterates (no better
   than the cosine's last iterate), and the per-dimension marginals as a control variate (5-10x
-  lower, ~1.6x fewer steps, but 1.4-2x higher variance on GPs, so it would need a per-model
+  lower, ~1.6x fewer steps, but 1.4-2x higher on a GP with n = 300, so it would need a per-model
   coefficient);
 * latent-z PPCA (``z_n`` sampled per row): SNIS at the default settings (Laplace proposals, K
   from 16, doubled while the estimated bias or the effective sample size asks for it; the K

@@ -1,8 +1,8 @@
 """Tiny language models and tokenizers for the pyro_mpt.lm tests, built offline from configs.
 
 * :func:`word_tokenizer` and :func:`tiny_bert`: a BERT-style masked LM and its tokenizer (as in
-  ``tests/test_mlm.py``, but with a word-level vocabulary: the trained WordPiece one changes from
-  run to run); ``initializer_range=0.2`` makes the untrained conditionals far from uniform and
+  ``tests/test_mlm.py``, but with a word-level vocabulary: one token per word);
+  ``initializer_range=0.2`` makes the untrained conditionals far from uniform and
   context-dependent.
 * :func:`gpt2_tokenizer`: a GPT-2 tokenizer (byte-level BPE trained here) with no mask token.
 * :class:`TinyDenoiser`: a plain ``nn.Module`` ``input_ids -> logits`` whose vocabulary is the
