@@ -400,21 +400,22 @@ def train_wordpiece_tokenizer(
     normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
     splitter = pre_tokenizers.BertPreTokenizer()
     texts = list(texts)
-    # The trainer numbers the continuing pieces ("##a") in hash-map order and breaks ties between
-    # merges by those numbers, so the same texts gave a different vocabulary from one call to the
-    # next (huggingface/tokenizers#1794). Declaring every "##c" up front fixes their numbers; the
+    # The trainer creates a continuing piece "##c" for every character c that follows another in
+    # a word, numbering them in hash-map order, and breaks ties between merges by those numbers:
+    # the same texts gave a different vocabulary from one call to the next
+    # (huggingface/tokenizers#1794). Declaring the same pieces up front fixes their numbers; the
     # tokenizer is then rebuilt from the vocabulary, so that they are not special tokens.
-    characters = sorted(
+    continuing = sorted(
         {
             character
             for text in texts
             for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text))
-            for character in word
+            for character in word[1:]
         }
     )
     trainer = WordPieceTrainer(
         vocab_size=vocab_size,
-        special_tokens=[*special.values(), *(f"##{c}" for c in characters)],
+        special_tokens=[*special.values(), *(f"##{c}" for c in continuing)],
         show_progress=False,
     )
     trained = Tokenizer(models.WordPiece(unk_token="[UNK]"))
