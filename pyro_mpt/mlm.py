@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -390,50 +390,26 @@ def train_wordpiece_tokenizer(
         ['[CLS]', 'the', 'cat', '[SEP]']
     """
     require_transformers()
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer, models
     from tokenizers.trainers import WordPieceTrainer
-    from transformers import PreTrainedTokenizerFast
 
     _check_positive_int("vocab_size", vocab_size)
-    special = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
-               "sep_token": "[SEP]", "mask_token": "[MASK]"}  # fmt: skip
-    normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
-    splitter = pre_tokenizers.BertPreTokenizer()
-    texts = list(texts)
+    texts = _text_list(texts)
     # The trainer creates a continuing piece "##c" for every character c that follows another in
     # a word, numbering them in hash-map order, and breaks ties between merges by those numbers:
     # the same texts gave a different vocabulary from one call to the next
     # (huggingface/tokenizers#1794). Declaring the same pieces up front fixes their numbers; the
     # tokenizer is then rebuilt from the vocabulary, so that they are not special tokens.
-    continuing = sorted(
-        {
-            character
-            for text in texts
-            for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text))
-            for character in word[1:]
-        }
-    )
+    continuing = sorted({c for word in _bert_words(texts, lowercase) for c in word[1:]})
     trainer = WordPieceTrainer(
         vocab_size=vocab_size,
-        special_tokens=[*special.values(), *(f"##{c}" for c in continuing)],
+        special_tokens=[*_SPECIAL_TOKENS.values(), *(f"##{c}" for c in continuing)],
         show_progress=False,
     )
     trained = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    trained.normalizer, trained.pre_tokenizer = normalizer, splitter
+    trained.normalizer, trained.pre_tokenizer = _bert_splitting(lowercase)
     trained.train_from_iterator(texts, trainer)
-    tokenizer = Tokenizer(models.WordPiece(trained.get_vocab(), unk_token="[UNK]"))
-    tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, splitter
-    tokenizer.add_special_tokens(list(special.values()))
-    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
-    tokenizer.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, model_max_length=max_length, **special
-    )
+    return _bert_tokenizer(trained.get_vocab(), lowercase, max_length)
 
 
 def word_level_tokenizer(texts: Iterable[str], lowercase: bool = True, max_length: int = 512):
@@ -452,23 +428,50 @@ def word_level_tokenizer(texts: Iterable[str], lowercase: bool = True, max_lengt
         ['.', 'a', 'cat', 'dog', 'sat', 'the']
     """
     require_transformers()
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    words = set(_bert_words(_text_list(texts), lowercase)) - set(_SPECIAL_TOKENS.values())
+    tokens = [*_SPECIAL_TOKENS.values(), *sorted(words)]
+    return _bert_tokenizer({token: i for i, token in enumerate(tokens)}, lowercase, max_length)
+
+
+_SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
+                   "sep_token": "[SEP]", "mask_token": "[MASK]"}  # fmt: skip
+
+
+def _text_list(texts: Iterable[str]) -> list[str]:
+    """``texts`` as a list of strings; a lone string (an iterable of characters) is refused."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be an iterable of strings, not one string: pass [texts]")
+    texts = list(texts)
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"texts must hold strings, got an item of type {type(text).__name__}")
+    return texts
+
+
+def _bert_splitting(lowercase: bool):
+    """BERT's normaliser and pre-tokeniser (``bert-base-uncased``'s with ``lowercase``)."""
+    from tokenizers import normalizers, pre_tokenizers
 
     normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
-    splitter = pre_tokenizers.BertPreTokenizer()
-    words = {
-        word
-        for text in texts
-        for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text))
-    }
-    special = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
-               "sep_token": "[SEP]", "mask_token": "[MASK]"}  # fmt: skip
-    tokens = [*special.values(), *sorted(words - set(special.values()))]
-    vocabulary = {token: index for index, token in enumerate(tokens)}
+    return normalizer, pre_tokenizers.BertPreTokenizer()
+
+
+def _bert_words(texts: list[str], lowercase: bool) -> Iterator[str]:
+    """The words and punctuation marks of ``texts``, normalised and split as BERT does."""
+    normalizer, splitter = _bert_splitting(lowercase)
+    for text in texts:
+        for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)):
+            yield word
+
+
+def _bert_tokenizer(vocabulary: dict[str, int], lowercase: bool, max_length: int):
+    """A ``transformers`` tokenizer: WordPiece over ``vocabulary`` (which holds the five special
+    tokens), BERT's splitting and the ``[CLS] text [SEP]`` template."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = Tokenizer(models.WordPiece(vocabulary, unk_token="[UNK]"))
-    tokenizer.normalizer = normalizer
-    tokenizer.pre_tokenizer = splitter
+    tokenizer.normalizer, tokenizer.pre_tokenizer = _bert_splitting(lowercase)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -476,5 +479,5 @@ def word_level_tokenizer(texts: Iterable[str], lowercase: bool = True, max_lengt
     )
     tokenizer.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, model_max_length=max_length, **special
+        tokenizer_object=tokenizer, model_max_length=max_length, **_SPECIAL_TOKENS
     )

@@ -14,7 +14,13 @@ transformers = pytest.importorskip(
 pytest.importorskip("tokenizers", reason="pyro_mpt.mlm needs the optional extra 'pyro_mpt[mlm]'")
 
 from pyro_mpt.masks import Cumulative, Exhaustive  # noqa: E402
-from pyro_mpt.mlm import MLMCurve, mlm_curve, mlm_score, train_wordpiece_tokenizer  # noqa: E402
+from pyro_mpt.mlm import (  # noqa: E402
+    MLMCurve,
+    mlm_curve,
+    mlm_score,
+    train_wordpiece_tokenizer,
+    word_level_tokenizer,
+)
 
 SENTENCES = [
     "the cat sat on the mat",
@@ -284,6 +290,16 @@ def test_wordpiece_training_gives_the_same_vocabulary_every_time():
     assert "##e" in tok.get_vocab() and "##e" not in tok.tokenize("e##e")
     ids = tok(SENTENCES)["input_ids"]
     assert tok.batch_decode(ids, skip_special_tokens=True) == SENTENCES
+
+
+def test_tokenizer_builders_name_their_bad_arguments():
+    for build in (train_wordpiece_tokenizer, word_level_tokenizer):
+        with pytest.raises(TypeError, match="not one string"):
+            build("the cat sat")  # would otherwise train on single characters
+        with pytest.raises(TypeError, match="texts must hold strings"):
+            build(["the cat", 2])
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_wordpiece_tokenizer(SENTENCES, vocab_size=0)
 
 
 def test_curve_helpers_make_their_tensors_on_the_input_device():
