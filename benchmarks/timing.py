@@ -18,38 +18,40 @@ def best_time(fn: Callable[[], object], repeat: int = 5, number: int = 1) -> flo
     return best
 
 
+def _alternate(
+    ours: Callable[[], object], anchor: Callable[[], object], calls: int
+) -> tuple[list[float], list[float]]:
+    """Wall times of ``calls`` calls of each, alternating (after one warm-up each), so that load
+    on a shared machine falls on both alike."""
+    ours(), anchor()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(calls):
+        for fn, record in zip((ours, anchor), times, strict=True):
+            start = time.perf_counter()
+            fn()
+            record.append(time.perf_counter() - start)
+    return times
+
+
 def best_time_pair(
     ours: Callable[[], object], anchor: Callable[[], object], repeat: int = 5
 ) -> tuple[float, float]:
-    """Best-of-``repeat`` wall times of two functions timed alternately (after one warm-up each),
-    so that load on a shared machine falls on both alike."""
-    ours(), anchor()
-    best = [float("inf"), float("inf")]
-    for _ in range(repeat):
-        for i, fn in enumerate((ours, anchor)):
-            start = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best[0], best[1]
+    """Best-of-``repeat`` wall times of two functions timed alternately."""
+    ours_times, anchor_times = _alternate(ours, anchor, repeat)
+    return min(ours_times), min(anchor_times)
 
 
 def mean_time_pair(
     ours: Callable[[], object], anchor: Callable[[], object], calls: int
 ) -> tuple[float, float]:
-    """Mean wall times over ``calls`` alternating calls of each (after one warm-up each).
+    """Mean wall times over ``calls`` alternating calls of each.
 
     For steps whose cost depends on what they draw: a GP's masked objective factorises blocks of
     the sizes its masks happen to have, so one call can cost three times another, and a best of
     a few calls would time the luckiest draw. The mean over the same seeded sequence of draws is
     the expected cost per step, and is reproducible."""
-    ours(), anchor()
-    total = [0.0, 0.0]
-    for _ in range(calls):
-        for i, fn in enumerate((ours, anchor)):
-            start = time.perf_counter()
-            fn()
-            total[i] += time.perf_counter() - start
-    return total[0] / calls, total[1] / calls
+    ours_times, anchor_times = _alternate(ours, anchor, calls)
+    return sum(ours_times) / calls, sum(anchor_times) / calls
 
 
 def count_row(
